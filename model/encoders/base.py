@@ -1,0 +1,78 @@
+"""The encoder interface and the frame-stacking projector both encoder kinds end with.
+
+Dims: B batch, T_wav samples, T frames, D width, k frames stacked per embedding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import nn
+
+from model.config import EncoderConfig
+
+
+class AudioEncoder(nn.Module, ABC):
+    """Waveforms at 16 kHz in, LLM-width embeddings out (one per ~80 ms)."""
+
+    config: EncoderConfig
+
+    @abstractmethod
+    def forward(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """waveforms [B, T_wav] float in [-1, 1], lengths [B] samples ->
+        (embeddings [B, T, D_llm], lengths [B] valid embeddings per row)."""
+
+    @torch.no_grad()
+    def encode_one(self, waveform: torch.Tensor) -> torch.Tensor:
+        """One mono waveform [T_wav] -> its embeddings [T, D_llm] on the encoder's device."""
+        param = next(self.parameters())
+        wav = waveform.to(param.device, torch.float32)[None]  # [1, T_wav]
+        lengths = torch.tensor([wav.shape[1]], device=param.device)  # [1]
+        emb, emb_len = self(wav, lengths)  # [1, T, D_llm]
+        return emb[0, : int(emb_len[0])]  # [T, D_llm]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+class FrameStacker(nn.Module):
+    """Stacks k consecutive frames, then projects to the LLM width (ultravox-style projector)."""
+
+    def __init__(self, in_dim: int, k: int, out_dim: int, hidden: int | None = None) -> None:
+        super().__init__()
+        self.k = k
+        hidden = hidden or out_dim
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim * k),
+            nn.Linear(in_dim * k, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, D_in], lengths [B] -> ([B, ceil(T/k), D_out], lengths [B])."""
+        b, t, d = x.shape
+        pad = (-t) % self.k
+        x = nn.functional.pad(x, (0, 0, 0, pad))  # [B, T + pad, D_in]
+        x = x.reshape(b, (t + pad) // self.k, d * self.k)  # [B, T', k * D_in]
+        out = self.proj(x)  # [B, T', D_out]
+        return out, torch.div(lengths + self.k - 1, self.k, rounding_mode="floor")  # [B]
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """lengths [B] -> boolean mask [B, max_len], True where a position is valid."""
+    return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]  # [B, max_len]
+
+
+def build_encoder(config: EncoderConfig) -> AudioEncoder:
+    """A freshly initialised encoder of the configured kind (Whisper kinds load pretrained weights)."""
+    if config.kind == "conformer":
+        from model.encoders.conformer import ConformerEncoder
+
+        return ConformerEncoder(config)
+    from model.encoders.whisper import WhisperAudioEncoder
+
+    return WhisperAudioEncoder(config)
