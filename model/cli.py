@@ -17,6 +17,13 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "serve the HTTP/WebSocket API (default: SmolLM2 + the shipped encoder)"),
     "transcribe": ("model.cli_verbs", "transcribe audio files with the cascade ASR (Whisper tiny.en)"),
     "reply": ("model.cli_verbs", "answer one text or audio prompt locally, no server"),
+    "corpus": ("training.cli", "build the English sentence set from offline sources"),
+    "synth": ("training.cli", "synthesize a sentence set to speech (16 kHz flac + manifests)"),
+    "import": ("training.cli", "import LibriSpeech, MLS or a folder of audio + .txt"),
+    "respond": ("training.cli", "add the frozen LLM's answer to every manifest line"),
+    "pretrain-ctc": ("training.cli", "character CTC pretraining of the conformer encoder"),
+    "align": ("training.cli", "modal-invariance alignment of an encoder to the frozen LLM"),
+    "evaluate": ("training.cli", "perplexity and QA: text vs end-to-end vs cascade"),
 }
 
 

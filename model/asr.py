@@ -1,0 +1,172 @@
+"""Cascade ASR: Whisper (tiny.en by default) with greedy decoding, for transcripts and baselines.
+
+Dims: B windows in a batch, T_wav samples, F mel bins, T_mel mel frames, T_enc encoder frames,
+D width, V vocabulary, L tokens so far.
+
+A short greedy loop rather than `generate`: Whisper's generation mixin expects a hub
+`generation_config` that the bundled CT2 model does not carry, and greedy search is twelve lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from model.config import SAMPLE_RATE
+from model.errors import CheckpointFormatError
+from model.whisper_ct2 import default_ct2_dir, load_whisper, read_ct2_config
+
+logger = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 30  # s, Whisper's fixed input span
+WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE  # samples
+MAX_NEW_TOKENS = 224  # tokens per window, half the decoder context as in openai/whisper
+BATCH_WINDOWS = 8  # windows decoded together, bounding memory on long inputs
+MULTILINGUAL_VOCAB = 51865  # vocab size of multilingual Whisper (English-only has 51864)
+
+
+@dataclass(frozen=True)
+class DecodingTokens:
+    """The token ids greedy decoding needs, looked up by name in the tokenizer."""
+
+    prompt: tuple[int, ...]  # <|startoftranscript|> [<|en|><|transcribe|>] <|notimestamps|>
+    end: int  # <|endoftext|>
+    suppress: tuple[int, ...]  # never emitted
+    suppress_begin: tuple[int, ...]  # not emitted as the first token (blank, <|endoftext|>)
+
+
+def _token_id(tokenizer: Tokenizer, token: str) -> int:
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise CheckpointFormatError(f"Whisper tokenizer has no {token} token")
+    return token_id
+
+
+def build_decoding_tokens(
+    tokenizer: Tokenizer, vocab_size: int, suppress: list[int], suppress_begin: list[int]
+) -> DecodingTokens:
+    """Ids for the transcribe prompt; timestamp tokens (ids past <|notimestamps|>) are suppressed
+    as well, since we ask for none and the tokenizer has no text for them."""
+    no_ts = _token_id(tokenizer, "<|notimestamps|>")
+    prompt = [_token_id(tokenizer, "<|startoftranscript|>")]
+    if vocab_size >= MULTILINGUAL_VOCAB:
+        prompt += [_token_id(tokenizer, "<|en|>"), _token_id(tokenizer, "<|transcribe|>")]
+    return DecodingTokens(
+        prompt=(*prompt, no_ts),
+        end=_token_id(tokenizer, "<|endoftext|>"),
+        suppress=tuple(sorted({*suppress, *range(no_ts, vocab_size)})),
+        suppress_begin=tuple(suppress_begin),
+    )
+
+
+def split_windows(waveform: torch.Tensor) -> list[torch.Tensor]:
+    """[T_wav] -> consecutive windows of at most 30 s, each [<= WINDOW_SAMPLES]."""
+    return list(torch.split(waveform, WINDOW_SAMPLES)) if waveform.numel() else []
+
+
+class WhisperASR:
+    """Waveforms at 16 kHz in, English text out."""
+
+    def __init__(
+        self,
+        model: WhisperForConditionalGeneration,
+        tokenizer: Tokenizer,
+        tokens: DecodingTokens,
+        device: str | torch.device = "cpu",
+        max_new_tokens: int = MAX_NEW_TOKENS,
+    ) -> None:
+        self.device = torch.device(device)
+        self.max_new_tokens = max_new_tokens
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.tokens = tokens
+        self.features = WhisperFeatureExtractor(
+            feature_size=model.config.num_mel_bins, sampling_rate=SAMPLE_RATE
+        )
+
+    @classmethod
+    def from_source(cls, source: str = "default", device: str = "cpu") -> WhisperASR:
+        """ "default" (bundled tiny.en), "tiny-random" (bundled tokenizer) or a local HF dir."""
+        model, config = load_whisper(source)
+        if source in ("default", "tiny-random"):
+            ct2_dir = default_ct2_dir()
+            ct2 = read_ct2_config(ct2_dir)
+            tokenizer = Tokenizer.from_file(str(ct2_dir / "tokenizer.json"))
+            suppress, begin = ct2["suppress_ids"], ct2["suppress_ids_begin"]
+        else:
+            tokenizer = Tokenizer.from_file(str(Path(source).expanduser() / "tokenizer.json"))
+            gen = model.generation_config
+            suppress = list(gen.suppress_tokens or config.suppress_tokens or [])
+            begin = list(gen.begin_suppress_tokens or config.begin_suppress_tokens or [])
+        tokens = build_decoding_tokens(tokenizer, config.vocab_size, suppress, begin)
+        return cls(model, tokenizer, tokens, device)
+
+    def transcribe(self, waveform: torch.Tensor) -> str:
+        """Mono 16 kHz float waveform [T_wav] -> text; over 30 s is decoded in 30 s windows."""
+        return self.transcribe_batch([waveform])[0]
+
+    @torch.inference_mode()
+    def transcribe_batch(self, waveforms: list[torch.Tensor]) -> list[str]:
+        """Several mono 16 kHz waveforms -> their texts, windows of all of them batched together."""
+        windows: list[torch.Tensor] = []
+        owners: list[int] = []
+        for i, wav in enumerate(waveforms):
+            if wav.dim() != 1:
+                raise ValueError(f"expected a mono waveform [T_wav], got shape {tuple(wav.shape)}")
+            parts = split_windows(wav.detach().float().cpu())
+            windows += parts
+            owners += [i] * len(parts)
+        pieces: list[list[str]] = [[] for _ in waveforms]
+        for start in range(0, len(windows), BATCH_WINDOWS):
+            batch = windows[start : start + BATCH_WINDOWS]
+            texts = self.transcribe_windows(batch)
+            for owner, text in zip(owners[start : start + len(batch)], texts, strict=True):
+                pieces[owner].append(text)
+        return [" ".join(p for p in parts if p) for parts in pieces]
+
+    def transcribe_windows(self, windows: list[torch.Tensor]) -> list[str]:
+        """Windows of at most 30 s -> one text each."""
+        arrays = [w.numpy() for w in windows]
+        feats = self.features(arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        mel = feats["input_features"].to(self.device, self.model.dtype)  # [B, F, 3000]
+        enc = self.model.model.encoder(mel).last_hidden_state  # [B, 1500, D]
+        ids = self.decode_greedy(enc)
+        return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+
+    def decode_greedy(self, enc: torch.Tensor) -> list[list[int]]:
+        """Encoder states [B, T_enc, D] -> generated ids per window, up to <|endoftext|>."""
+        b = enc.shape[0]
+        encoder_outputs = BaseModelOutput(last_hidden_state=enc)
+        prompt = torch.tensor(self.tokens.prompt, device=self.device)  # [L0]
+        inputs = prompt.expand(b, -1)  # [B, L0]
+        suppress = torch.tensor(self.tokens.suppress, device=self.device)  # [S]
+        begin = torch.tensor(self.tokens.suppress_begin, device=self.device)  # [S0]
+        done = torch.zeros(b, dtype=torch.bool, device=self.device)  # [B]
+        out_ids: list[torch.Tensor] = []
+        cache = None
+        for step in range(self.max_new_tokens):
+            out = self.model(
+                encoder_outputs=encoder_outputs,
+                decoder_input_ids=inputs,
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache
+            logits = out.logits[:, -1].float()  # [B, V]
+            logits[:, suppress] = -torch.inf
+            if step == 0:
+                logits[:, begin] = -torch.inf
+            next_ids = logits.argmax(dim=-1).masked_fill(done, self.tokens.end)  # [B]
+            out_ids.append(next_ids)
+            done |= next_ids == self.tokens.end
+            if bool(done.all()):
+                break
+            inputs = next_ids[:, None]  # [B, 1]
+        ids = torch.stack(out_ids, dim=1).tolist()  # [B, L]
+        return [seq[: seq.index(self.tokens.end)] if self.tokens.end in seq else seq for seq in ids]
