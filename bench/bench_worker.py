@@ -1,0 +1,254 @@
+"""Worker benchmark: decode speed vs model.generate and the bandwidth bound, audio-turn TTFT with
+and without cache reuse, and aggregate throughput at 1, 4 and 16 concurrent sessions.
+
+Usage:
+  python bench/bench_worker.py                                  # embedded SmolLM2 on this CPU
+  python bench/bench_worker.py --dtype bfloat16 --threads 2
+  python bench/bench_worker.py --llm llama2-7b-random --device cuda --tokenizer DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from model.decoding import SamplingParams  # noqa: E402
+from model.llm import LoadedLLM, load_llm, pick_attention  # noqa: E402
+from model.messages import AudioPart, TextPart, Turn  # noqa: E402
+from model.prompt import render_prompt, text_only_ids  # noqa: E402
+from model.speech_llm import SpeechLLM  # noqa: E402
+from server.protocol import GenerateRequest, TextDelta, Usage  # noqa: E402
+from server.worker import Worker  # noqa: E402
+
+AUDIO_SECONDS = 5.0  # s per spoken turn
+EMBEDDING_RATE = 12.5  # audio embeddings per second (80 ms each)
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+STORY = [Turn("user", (TextPart("Write a very long story about a dragon who learns to bake."),))]
+
+
+def build_llm(args: argparse.Namespace) -> LoadedLLM:
+    if args.llm != "llama2-7b-random":
+        return load_llm(args.llm, device=args.device, dtype=args.dtype)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    device = torch.device(args.device)
+    shape = {**LLAMA2_7B, "num_hidden_layers": args.layers or LLAMA2_7B["num_hidden_layers"]}
+    config = LlamaConfig(vocab_size=len(tokenizer), **shape)
+    config._attn_implementation = pick_attention(device)
+    dtype = getattr(torch, args.dtype or "bfloat16")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return LoadedLLM(model=model, tokenizer=tokenizer, name="llama2-7b-random")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Bytes/s of streaming memory reads (sum) or copies (read+write), whichever is higher."""
+    n = (1 << 30) // 4 if device.type == "cuda" else (256 << 20) // 4
+    x = torch.randn(n, device=device)
+    y = torch.empty_like(x)
+    best = 0.0
+    for op, moved in ((lambda: x.sum(), 4 * n), (lambda: y.copy_(x), 8 * n)):
+        op()
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(10):
+            op()
+        sync(device)
+        best = max(best, 10 * moved / (time.perf_counter() - t))
+    return best
+
+
+def bytes_per_token(llm: LoadedLLM) -> int:
+    """Weights read per decode step: all parameters, less an untied input table (one row read)."""
+    model = llm.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    if emb is not model.get_output_embeddings().weight:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+@torch.inference_mode()
+def generate_rate(llm: LoadedLLM, n: int) -> float:
+    """model.generate's decode tokens/s: (n - 1) tokens over t(n) - t(1)."""
+    ids = torch.tensor([text_only_ids(render_prompt(llm.tokenizer, STORY))], device=llm.device)
+
+    def timed(k: int) -> float:
+        sync(llm.device)
+        t = time.perf_counter()
+        llm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+            do_sample=False, pad_token_id=llm.eos_token_ids[0],
+        )  # fmt: skip
+        sync(llm.device)
+        return time.perf_counter() - t
+
+    timed(2)
+    return (n - 1) / (timed(n) - timed(1))
+
+
+async def run_request(worker: Worker, n: int, **target) -> dict[str, float]:
+    """One request -> ttft (s), decode rate (tokens/s after the first), completion tokens."""
+    request = GenerateRequest(uuid.uuid4().hex, SamplingParams(max_new_tokens=n), **target)
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    async for event in worker.generate(request):
+        now = time.perf_counter()
+        if isinstance(event, TextDelta):
+            first = first or now
+            last = now
+        if isinstance(event, Usage):
+            tokens = event.completion_tokens
+    first, last = first or time.perf_counter(), last or time.perf_counter()
+    rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
+    return {"ttft": first - start, "rate": rate, "tokens": tokens}
+
+
+def audio_turn(dim: int, index: int, device: torch.device) -> Turn:
+    """A spoken user turn as its encoder output: 5 s of random embeddings."""
+    gen = torch.Generator().manual_seed(index)
+    emb = torch.randn(int(AUDIO_SECONDS * EMBEDDING_RATE), dim, generator=gen)  # [T, D]
+    part = AudioPart(digest=f"bench{index}", duration=AUDIO_SECONDS, embeddings=emb.to(device))
+    return Turn("user", (part,))
+
+
+async def audio_ttft(worker: Worker, llm: LoadedLLM, reply_tokens: int) -> dict[str, float]:
+    """TTFT of a 5 s audio turn at turns 1 and 10: session (cache reuse) vs full re-prefill."""
+    sid = worker.open_session(system_prompt="You are a helpful voice assistant.")
+    out = {}
+    for turn in range(1, 11):
+        await worker.append_messages(sid, [audio_turn(llm.hidden_size, turn, llm.device)])
+        if turn in (1, 10):
+            turns = list(worker._sessions[sid].turns)
+            full = await run_request(worker, 1, messages=turns)
+            out[f"full{turn}"] = full["ttft"]
+        result = await run_request(worker, reply_tokens, session_id=sid)
+        if turn in (1, 10):
+            out[f"reuse{turn}"] = result["ttft"]
+    worker.close_session(sid)
+    return out
+
+
+async def concurrency(worker: Worker, sessions: int, n: int) -> dict[str, float]:
+    sids = [worker.open_session() for _ in range(sessions)]
+    for i, sid in enumerate(sids):
+        text = f"Story {i}: tell me a long tale about a dragon and a baker."
+        await worker.append_messages(sid, [{"role": "user", "content": text}])
+    start = time.perf_counter()
+    results = await asyncio.gather(*(run_request(worker, n, session_id=s) for s in sids))
+    wall = time.perf_counter() - start
+    for sid in sids:
+        worker.close_session(sid)
+    ttfts = sorted(r["ttft"] for r in results)
+    return {
+        "agg": sum(r["tokens"] for r in results) / wall,
+        "p50": statistics.median(ttfts),
+        "p99": ttfts[min(len(ttfts) - 1, round(0.99 * (len(ttfts) - 1)))],
+    }
+
+
+async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[str, object]:
+    budget = int(args.kv_budget_gb * (1 << 30))
+    worker = Worker(
+        speech_llm, kv_budget_bytes=budget, max_batch=16, prefill_chunk=args.prefill_chunk
+    )
+    await worker.start()
+    await run_request(worker, 4, messages=STORY)  # warm-up
+    single = await run_request(worker, args.tokens, messages=STORY)
+    ttft = await audio_ttft(worker, speech_llm.llm, args.reply_tokens)
+    conc = {s: await concurrency(worker, s, args.tokens) for s in (1, 4, 16)}
+    await worker.stop()
+    return {"single": single, "ttft": ttft, "conc": conc}
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    print(f"{'metric':<52}{'value':>16}  target")
+    for name, value, target in rows:
+        print(f"{name:<52}{value:>16}  {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--reply-tokens", type=int, default=24, help="per reply in the session")
+    parser.add_argument("--kv-budget-gb", type=float, default=2.0)
+    parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    llm = build_llm(args)
+    bandwidth = measure_bandwidth(device)
+    per_token = bytes_per_token(llm)
+    bound = bandwidth / per_token
+    hf = generate_rate(llm, args.tokens)
+    res = asyncio.run(bench_worker(SpeechLLM(llm), args))
+    single, ttft, conc = res["single"], res["ttft"], res["conc"]
+    gpu = device.type == "cuda"
+    print(f"\n{llm.name} on {args.device} ({llm.dtype}, {torch.get_num_threads()} threads)")
+    print(f"command: python {' '.join(sys.argv)}\n")
+    ratio_t10 = ttft["reuse10"] / ttft["reuse1"]
+    print_table([
+        ("memory bandwidth (GB/s)", f"{bandwidth / 1e9:.1f}", ""),
+        ("bytes read per token (MB)", f"{per_token / 1e6:.1f}", ""),
+        ("bandwidth bound (tok/s)", f"{bound:.1f}", ""),
+        ("model.generate decode (tok/s)", f"{hf:.1f}", ""),
+        ("worker single-stream decode (tok/s)", f"{single['rate']:.1f}",
+         ">= 75% of bound" if gpu else ">= 2x generate, >= 50% of bound"),
+        ("  worker / generate", f"{single['rate'] / hf:.2f}x", ""),
+        ("  worker / bound", f"{100 * single['rate'] / bound:.0f}%", ""),
+        ("TTFT 5 s audio, turn 1 (ms)", f"{1e3 * ttft['reuse1']:.1f}", ""),
+        ("TTFT 5 s audio, turn 10, cache reuse (ms)", f"{1e3 * ttft['reuse10']:.1f}",
+         "<= 50 ms" if gpu else "<= 1.3x turn 1"),
+        ("TTFT 5 s audio, turn 1, full re-prefill (ms)", f"{1e3 * ttft['full1']:.1f}", ""),
+        ("TTFT 5 s audio, turn 10, full re-prefill (ms)", f"{1e3 * ttft['full10']:.1f}", ""),
+        ("  turn 10 reuse / turn 1", f"{ratio_t10:.2f}x", "<= 1.3x"),
+        *[
+            row
+            for s, c in conc.items()
+            for row in (
+                (f"{s:>2} sessions: aggregate (tok/s)", f"{c['agg']:.1f}",
+                 (">= 2x HF batch-16 (619 on H200)" if gpu else ">= 6x single")
+                 if s == 16 else ""),
+                (f"{s:>2} sessions: TTFT p50 / p99 (ms)",
+                 f"{1e3 * c['p50']:.0f} / {1e3 * c['p99']:.0f}", ""),
+            )
+        ],
+        ("  16 sessions / single stream", f"{conc[16]['agg'] / conc[1]['agg']:.1f}x", ""),
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,348 @@
+"""The model thread: each step admits work, prefills one chunk, then decodes every running row.
+
+Own scheduler rather than transformers' ContinuousBatchingManager: that one schedules token-id
+requests only, while our prompts hold audio embeddings (see server/engine_batch.py). Everything
+here runs on the engine thread; other threads talk to it through `call` (a command queue drained
+between steps), so cancellation and new requests take effect within one step.
+
+Dims: B decoding rows, Q prefill chunk positions, D LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from model.decoding import select_tokens
+from model.errors import MessageFormatError
+from model.llm import LoadedLLM
+from server.engine_batch import Arena, SlotCache, make_decode_mask, make_prefill_mask
+from server.engine_request import EngineRequest, embed_from
+from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore, count_common_prefix
+from server.protocol import FinishReason
+
+log = logging.getLogger(__name__)
+
+Done = tuple[EngineRequest, FinishReason, BaseException | None]
+
+
+class Engine:
+    """Owns the LLM's forward passes, the decode arena and the KV store."""
+
+    def __init__(
+        self, llm: LoadedLLM, store: KVStore, *, max_batch: int, prefill_chunk: int
+    ) -> None:
+        cfg = llm.model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.llm, self.model, self.store = llm, llm.model, store
+        self.device = llm.device
+        self.arena = Arena(
+            store,
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            dtype=llm.dtype,
+            device=llm.device,
+            max_rows=max_batch,
+        )
+        self.cache = SlotCache(self.arena, cfg.num_hidden_layers)
+        self.max_positions = cfg.max_position_embeddings
+        self.prefill_chunk = prefill_chunk
+        self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.waiting: deque[EngineRequest] = deque()
+        self.prefilling: EngineRequest | None = None
+        self.decoding: list[EngineRequest] = []  # index == arena row
+        self.requests: dict[str, EngineRequest] = {}
+        self._names = itertools.count()
+        self.peak_batch = 0  # most rows decoded in one step, for tests and benchmarks
+        self._thread: threading.Thread | None = None
+
+    # -- any thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="speechchat-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Cancel everything and end the thread (blocks until it has)."""
+        self.commands.put(None)
+        if self._thread is not None:
+            self._thread.join()
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine thread before its next step."""
+        self.commands.put(fn)
+
+    def submit(self, req: EngineRequest) -> None:
+        self.call(lambda: self._enqueue(req))
+
+    def cancel(self, request_id: str) -> None:
+        self.call(lambda: self._cancel(request_id))
+
+    @property
+    def active_count(self) -> int:
+        return len(self.requests)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._drain_commands():
+                self.step()
+            for req in list(self.requests.values()):
+                self._cancel(req.request_id)
+
+    def _drain_commands(self) -> bool:
+        """Run queued commands (waiting for one when idle); False once told to stop."""
+        block = not (self.prefilling or self.decoding or self.waiting)
+        while True:
+            try:
+                cmd = self.commands.get(block=block)
+            except queue.Empty:
+                return True
+            if cmd is None:
+                return False
+            cmd()
+            block = False
+
+    def step(self) -> None:
+        """Admit what fits, run one prefill chunk, then one decode step for all rows."""
+        self._admit()
+        self._prefill_step()
+        self._decode_step()
+
+    def _enqueue(self, req: EngineRequest) -> None:
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def _forget(self, req: EngineRequest) -> None:
+        self.requests.pop(req.request_id, None)
+
+    # -- admission -------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self.prefilling is None and self.waiting and len(self.decoding) < self.arena.max_rows:
+            req = self.waiting.popleft()
+            try:
+                started = self._start_prefill(req)
+            except Exception as err:  # a bad request fails alone
+                log.warning("request %s failed at admission: %s", req.request_id, err)
+                self._forget(req)
+                req.fail(err)
+                continue
+            if not started:
+                self.waiting.appendleft(req)
+                return
+
+    def _start_prefill(self, req: EngineRequest) -> bool:
+        """Give a request the prefill row with its cached prefix loaded; False: wait for room."""
+        keys = req.plan.keys
+        if len(keys) + 1 > self.max_positions:
+            raise MessageFormatError(
+                f"the prompt takes {len(keys)} positions; the LLM holds {self.max_positions}"
+            )
+        if req.session_key is not None:
+            self.store.get(req.session_key)  # most recently used: evict others first
+        row = len(self.decoding)
+        if not self.arena.ensure(row + 1, len(keys) + 1):
+            if self.decoding:
+                return False
+            raise MessageFormatError("the conversation does not fit in the worker's KV budget")
+        source, reuse = self._find_prefix(req)
+        if req.session_key is not None:
+            self.store.free(req.session_key)  # the row holds it now
+        self.arena.load(row, source.data[:, :, :, :reuse] if reuse else None)
+        req.row, req.row_keys, req.cached_tokens = row, list(keys[:reuse]), reuse
+        req.pending = embed_from(req.plan, reuse, self.llm.embed_tokens)  # [T_new, D]
+        req.generator = req.params.make_generator(self.device)
+        self.prefilling = req
+        return True
+
+    def _find_prefix(self, req: EngineRequest) -> tuple[KVEntry | None, int]:
+        """The cached KV sharing most leading positions with the prompt, and how many to reuse."""
+        keys = req.plan.keys
+        if req.session_key is not None:
+            entry = self.store.get(req.session_key)
+            reuse = count_common_prefix(entry.keys, keys) if entry is not None else 0
+        else:
+            name, reuse = self.store.find_prefix(keys)
+            entry = self.store.get(name) if name is not None else None
+            if entry is not None and reuse == entry.length:
+                req.supersedes = name  # the reply's cache will hold all of it and more
+        # at least one position is computed, for its logits
+        return entry, min(reuse, len(keys) - 1)
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    def _prefill_step(self) -> None:
+        req = self.prefilling
+        if req is None:
+            return
+        try:
+            logits = self._prefill_chunk(req)  # [V] after the last chunk
+        except Exception as err:  # a tensor error in one prompt fails that request alone
+            log.warning("request %s failed in prefill: %s", req.request_id, err)
+            self.prefilling = None
+            self._forget(req)
+            req.fail(err)
+            return
+        if logits is None:
+            return
+        self.prefilling, req.pending = None, None
+        self.decoding.append(req)
+        reason = req.accept_token(self._sample([req], logits[None])[0])
+        if reason is not None:
+            self._retire([(req, reason, None)])
+
+    def _prefill_chunk(self, req: EngineRequest) -> torch.Tensor | None:
+        assert req.pending is not None
+        start, q_len = len(req.row_keys), min(self.prefill_chunk, req.prefill_left)
+        embeds = req.pending[req.cursor : req.cursor + q_len][None]  # [1, Q, D]
+        self.cache.set_prefill(req.row, start, q_len)
+        positions = torch.arange(start, start + q_len, device=self.device)[None]  # [1, Q]
+        out = self.model(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=make_prefill_mask(start, q_len, self.device),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        req.row_keys.extend(req.plan.keys[start : start + q_len])
+        req.cursor += q_len
+        return out.logits[0, -1] if req.prefill_left == 0 else None  # [V]
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        if not self.decoding:
+            return
+        done: list[Done] = self._check_room()
+        if done:
+            self._retire(done)
+            if not self.decoding:
+                return
+        self.peak_batch = max(self.peak_batch, len(self.decoding))
+        logits, failed = self._forward_rows()  # [B, V]
+        tokens = self._sample(self.decoding, logits)
+        done = [(r, "error", failed[i]) for i, r in enumerate(self.decoding) if i in failed]
+        for i, req in enumerate(self.decoding):
+            if i in failed:
+                continue
+            req.row_keys.append(req.next_token)  # the token fed this step is cached now
+            reason = req.accept_token(tokens[i])
+            if reason is not None:
+                done.append((req, reason, None))
+        self._retire(done)
+
+    def _check_room(self) -> list[Done]:
+        """Grow the arena for one more position per row; rows that cannot grow end ('length')."""
+        need = max(len(r.row_keys) for r in self.decoding) + 1
+        if need <= self.arena.capacity or self.arena.ensure(len(self.decoding) + 1, need):
+            full = [r for r in self.decoding if len(r.row_keys) + 1 > self.max_positions]
+        else:
+            full = [r for r in self.decoding if len(r.row_keys) + 1 > self.arena.capacity]
+        return [(r, "length", None) for r in full]
+
+    def _forward_rows(self) -> tuple[torch.Tensor, dict[int, BaseException]]:
+        """Logits for every decoding row; if the batch fails, rows are retried alone."""
+        try:
+            return self._forward_decode(0, len(self.decoding)), {}
+        except Exception as err:
+            if len(self.decoding) == 1:
+                return self._empty_logits(1), {0: err}
+        failed: dict[int, BaseException] = {}
+        rows = []
+        for i in range(len(self.decoding)):
+            try:
+                rows.append(self._forward_decode(i, i + 1))  # [1, V]
+            except Exception as err:  # isolate the row that breaks the batch
+                failed[i] = err
+                rows.append(self._empty_logits(1))
+        return torch.cat(rows), failed  # [B, V]
+
+    def _empty_logits(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, self.model.config.vocab_size, device=self.device)  # [n, V]
+
+    def _forward_decode(self, lo: int, hi: int) -> torch.Tensor:
+        reqs = self.decoding[lo:hi]
+        positions = [len(r.row_keys) for r in reqs]
+        ids = torch.tensor([[r.next_token] for r in reqs], device=self.device)  # [B, 1]
+        self.cache.set_decode(lo, hi, positions)
+        out = self.model(
+            input_ids=ids,
+            position_ids=self.cache.positions[:, None],
+            attention_mask=make_decode_mask(positions, self.device),
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1]  # [B, V]
+
+    def _sample(self, reqs: list[EngineRequest], logits: torch.Tensor) -> list[int]:
+        """One token per row: greedy rows share one argmax, sampling rows use their generator."""
+        greedy = logits.argmax(dim=-1).tolist()  # [B]
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0.0:
+                greedy[i] = int(select_tokens(logits[i : i + 1], req.params, req.generator)[0])
+        return greedy
+
+    # -- leaving ---------------------------------------------------------------------------
+
+    def _retire(self, done: list[Done]) -> None:
+        """End decoding requests: keep their KV (unless they failed), free and compact rows."""
+        for req, reason, err in sorted(done, key=lambda d: -d[0].row):
+            if err is None:
+                self._save_kv(req)
+            self._free_row(req)
+            self._forget(req)  # before the events: a reader of stats sees it gone
+            if err is None:
+                req.finish(reason)
+            else:
+                req.fail(err)
+
+    def _free_row(self, req: EngineRequest) -> None:
+        """Fill the hole with the last decoding row, then move the prefill row down after it."""
+        last = len(self.decoding) - 1
+        if req.row != last:
+            moved = self.decoding[last]
+            self.arena.move(last, req.row, len(moved.row_keys))
+            moved.row = req.row
+            self.decoding[req.row] = moved
+        self.decoding.pop()
+        if self.prefilling is not None:
+            self.arena.move(self.prefilling.row, last, len(self.prefilling.row_keys))
+            self.prefilling.row = last
+
+    def _save_kv(self, req: EngineRequest) -> None:
+        """Store a finished row's KV under its session, or as a reusable stateless prefix."""
+        if not req.row_keys:
+            return
+        entry = KVEntry(self.arena.extract(req.row, len(req.row_keys)), list(req.row_keys))
+        if req.supersedes is not None:
+            self.store.free(req.supersedes)
+        key = req.session_key or f"{STATELESS_PREFIX}{next(self._names)}"
+        if not self.store.allocate(key, entry):
+            log.info("KV of %s (%d bytes) exceeds the budget; not kept", key, entry.nbytes)
+
+    def _cancel(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        if req is self.prefilling:
+            self.prefilling = None
+            self._save_kv(req)  # the prefix computed so far stays useful
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        else:
+            self._retire([(req, "cancelled", None)])
+            return
+        self._forget(req)
+        req.finish("cancelled")

@@ -1,0 +1,177 @@
+"""The decode arena: one preallocated K/V slot per running request, read by the HF model in place.
+
+Own slot cache rather than transformers' continuous batching: its PagedAttentionCache manager
+takes token ids only, and our prompts carry audio embeddings. A slot layout (rows of one
+[L, 2, R, H, C, Dh] tensor, a length per row, a boolean 4D mask and per-row position_ids) keeps
+every running request's cache where decode reads it, with no re-packing per step: a request that
+joins is copied into the next row once, one that leaves is replaced by the last row once.
+Decoding rows are 0..n_decode-1; the request being prefilled sits in row n_decode.
+
+Dims: L layers, R rows, H key/value heads, C capacity (positions per row), Dh head width,
+B rows in a step, Q query positions, K key positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from server.kv_cache import KVStore
+
+ARENA_GROW = 256  # positions added to every row's capacity when one row runs out
+
+
+class SlotLayer(CacheLayerMixin):
+    """One layer's view of the arena; writes go where the owning `SlotCache` says."""
+
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache, layer_idx: int) -> None:
+        super().__init__()
+        self.owner = owner
+        self.layer_idx = layer_idx
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        return None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.owner.write(self.layer_idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.kv_len
+
+    def get_max_length(self) -> int:
+        return self.owner.arena.capacity
+
+
+class SlotCache(Cache):
+    """A transformers `Cache` over arena rows: either a decode step or one prefill chunk."""
+
+    def __init__(self, arena: Arena, num_layers: int) -> None:
+        super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
+        self.arena = arena
+        self.lo, self.hi = 0, 0  # rows [lo, hi) in this step
+        self.positions: torch.Tensor | None = None  # [B] write column per row (decode)
+        self.row_index: torch.Tensor | None = None  # [B] (decode)
+        self.start = 0  # first written column (prefill)
+        self.kv_len = 0  # key columns returned to attention
+
+    def set_decode(self, lo: int, hi: int, positions: list[int]) -> None:
+        device = self.arena.device
+        self.lo, self.hi, self.start = lo, hi, -1
+        self.positions = torch.tensor(positions, device=device)  # [B]
+        self.row_index = torch.arange(lo, hi, device=device)  # [B]
+        self.kv_len = max(positions) + 1
+
+    def set_prefill(self, row: int, start: int, q_len: int) -> None:
+        self.lo, self.hi, self.start = row, row + 1, start
+        self.kv_len = start + q_len
+
+    def write(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys/values [B, H, Q, Dh] -> the rows' whole caches [B, H, K, Dh] (views)."""
+        buf = self.arena.data[layer]  # [2, R, H, C, Dh]
+        if self.start < 0:
+            buf[0, self.row_index, :, self.positions] = keys[:, :, 0]  # [B, H, Dh]
+            buf[1, self.row_index, :, self.positions] = values[:, :, 0]  # [B, H, Dh]
+        else:
+            end = self.start + keys.shape[2]
+            buf[0, self.lo, :, self.start : end] = keys[0]  # [H, Q, Dh]
+            buf[1, self.lo, :, self.start : end] = values[0]  # [H, Q, Dh]
+        rows = slice(self.lo, self.hi)
+        return buf[0, rows, :, : self.kv_len], buf[1, rows, :, : self.kv_len]  # [B, H, K, Dh]
+
+
+def make_decode_mask(positions: list[int], device: torch.device) -> torch.Tensor:
+    """Each row attends to its columns 0..position (inclusive) -> [B, 1, 1, K] bool."""
+    pos = torch.tensor(positions, device=device)  # [B]
+    cols = torch.arange(max(positions) + 1, device=device)  # [K]
+    return (cols[None] <= pos[:, None])[:, None, None]  # [B, 1, 1, K]
+
+
+def make_prefill_mask(start: int, q_len: int, device: torch.device) -> torch.Tensor:
+    """Causal over the cached prefix plus this chunk -> [1, 1, Q, K] bool."""
+    cols = torch.arange(start + q_len, device=device)  # [K]
+    rows = torch.arange(start, start + q_len, device=device)  # [Q]
+    return (cols[None] <= rows[:, None])[None, None]  # [1, 1, Q, K]
+
+
+class Arena:
+    """The rows' K/V storage; its bytes are reserved from the KV store's budget."""
+
+    def __init__(
+        self,
+        store: KVStore,
+        *,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_rows: int,
+    ) -> None:
+        self.store = store
+        self.shape_lhd = (num_layers, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.max_rows = max_rows
+        self.data: torch.Tensor | None = None  # [L, 2, R, H, C, Dh]
+        self.rows = 0
+        self.capacity = 0
+
+    @property
+    def bytes_per_position(self) -> int:
+        num_layers, heads, head_dim = self.shape_lhd
+        return num_layers * 2 * heads * head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.capacity * self.bytes_per_position
+
+    def ensure(self, rows: int, length: int) -> bool:
+        """Make room for `rows` rows of `length` positions each; False when the budget refuses."""
+        if rows <= self.rows and length <= self.capacity:
+            return True
+        new_rows = max(self.rows, min(self.max_rows, 1 << max(0, rows - 1).bit_length()))
+        new_cap = max(self.capacity, -(-length // ARENA_GROW) * ARENA_GROW)
+        extra = new_rows * new_cap * self.bytes_per_position
+        if not self.store.reserve(extra):  # old and new both live while copying
+            return False
+        num_layers, heads, head_dim = self.shape_lhd
+        shape = (num_layers, 2, new_rows, heads, new_cap, head_dim)
+        data = torch.zeros(shape, dtype=self.dtype, device=self.device)  # [L, 2, R, H, C, Dh]
+        if self.data is not None:
+            data[:, :, : self.rows, :, : self.capacity] = self.data
+        self.drop()
+        self.data, self.rows, self.capacity = data, new_rows, new_cap
+        return True
+
+    def drop(self) -> None:
+        """Free the storage and its reservation (only when no row is in use)."""
+        self.store.release(self.nbytes)
+        self.data, self.rows, self.capacity = None, 0, 0
+
+    def load(self, row: int, prefix: torch.Tensor | None) -> None:
+        """Fill a row with a cached prefix [L, 2, H, T, Dh] and zeros after it."""
+        assert self.data is not None
+        n = 0 if prefix is None else prefix.shape[3]
+        if prefix is not None:
+            self.data[:, :, row, :, :n] = prefix.to(self.device, self.dtype)
+        # stale columns are masked, but a NaN there would still poison attention's sums
+        self.data[:, :, row, :, n:] = 0
+
+    def extract(self, row: int, length: int) -> torch.Tensor:
+        """A copy of a row's first `length` positions -> [L, 2, H, T, Dh]."""
+        assert self.data is not None
+        return self.data[:, :, row, :, :length].clone()  # [L, 2, H, T, Dh]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy a row's first `length` positions into another row."""
+        assert self.data is not None
+        self.data[:, :, dst, :, :length] = self.data[:, :, src, :, :length]

@@ -1,0 +1,174 @@
+"""One request inside the engine: its prompt's positions, its row, its tokens and its events.
+
+A prompt is planned once: the chat template renders the turns (`model.prompt.render_prompt`), and
+every position gets an identity (a token id, or an audio digest and index) so that the engine can
+find how much of it a cached KV already holds, whatever the template does to earlier turns.
+
+Dims: T positions, D LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from model.decoding import IncrementalDecoder, SamplingParams, find_stop
+from model.errors import MessageFormatError, SpeechChatModelError
+from model.messages import Turn
+from model.prompt import AudioSpan, Segment, render_prompt
+from server.kv_cache import PositionKey
+from server.protocol import ErrorEvent, Event, Finished, FinishReason, TextDelta, Usage
+
+
+@dataclass(frozen=True)
+class PromptPlan:
+    """A rendered prompt: its segments and one identity per position."""
+
+    segments: list[Segment]
+    keys: list[PositionKey]
+
+
+def plan_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> PromptPlan:
+    """Render turns (audio already encoded) with a generation prompt; key every position."""
+    segments = render_prompt(tokenizer, turns, add_generation_prompt=True)
+    keys: list[PositionKey] = []
+    for seg in segments:
+        if isinstance(seg, AudioSpan):
+            if seg.part.embeddings is None:
+                raise MessageFormatError("an audio part reached the engine without embeddings")
+            digest = seg.part.digest
+            keys.extend((digest, i) for i in range(seg.part.embeddings.shape[0]))
+        else:
+            keys.extend(seg)
+    return PromptPlan(segments, keys)
+
+
+def embed_from(
+    plan: PromptPlan, start: int, embed_tokens: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """The input embeddings of positions [start:] of a planned prompt -> [T_new, D]."""
+    chunks, offset = [], 0
+    for seg in plan.segments:
+        if isinstance(seg, AudioSpan):
+            emb = seg.part.embeddings  # [T_audio, D]
+            n = emb.shape[0]
+        else:
+            n = len(seg)
+        if offset + n > start:
+            lo = max(0, start - offset)
+            if isinstance(seg, AudioSpan):
+                chunks.append(emb[lo:])  # [T_audio - lo, D]
+            else:
+                ids = torch.tensor(seg[lo:], dtype=torch.long)  # [T_text - lo]
+                chunks.append(embed_tokens(ids))  # [T_text - lo, D]
+        offset += n
+    ref = embed_tokens(torch.zeros(1, dtype=torch.long))  # [1, D], the LLM's device and dtype
+    width = ref.shape[-1]
+    for chunk in chunks:
+        if chunk.ndim != 2 or chunk.shape[1] != width:
+            raise MessageFormatError(
+                f"audio embeddings have shape {tuple(chunk.shape)}; the LLM expects [T, {width}]"
+            )
+    return torch.cat([c.to(ref.device, ref.dtype) for c in chunks])  # [T_new, D]
+
+
+EmitFn = Callable[[Event], None]
+DoneFn = Callable[[str, FinishReason], None]
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """A response in progress; mutated by the engine thread only."""
+
+    request_id: str
+    params: SamplingParams
+    plan: PromptPlan
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+    emit: EmitFn
+    session_key: str | None = None  # the store key of a session's cache, None when stateless
+    on_done: DoneFn | None = None  # gets the reply text when a stateful reply ends
+    # filled in by the engine
+    generator: torch.Generator | None = None
+    row: int = -1
+    row_keys: list[PositionKey] = field(default_factory=list)  # identities of the row's KV
+    cached_tokens: int = 0
+    supersedes: str | None = None  # a stateless entry the reply's cache will contain whole
+    pending: torch.Tensor | None = None  # [T_new, D] prompt embeddings still to prefill
+    cursor: int = 0  # next index into `pending`
+    next_token: int = -1  # sampled, not yet fed
+    completion_tokens: int = 0
+    finished: bool = False
+    decoder: IncrementalDecoder = field(init=False)
+    sent: int = 0  # characters of decoded text already emitted
+    stopped: bool = False  # a stop string ended the reply
+
+    def __post_init__(self) -> None:
+        self.decoder = IncrementalDecoder(self.tokenizer)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.plan.keys)
+
+    @property
+    def prefill_left(self) -> int:
+        return 0 if self.pending is None else self.pending.shape[0] - self.cursor
+
+    @property
+    def reply_text(self) -> str:
+        text = self.decoder.text
+        cut = find_stop(text, self.params.stop)
+        return text if cut is None else text[:cut]
+
+    def accept_token(self, token: int) -> FinishReason | None:
+        """A sampled token: emit the text it completes; say why the reply ends, if it does."""
+        if token in self.eos_ids:
+            return "stop"
+        self.completion_tokens += 1
+        self.next_token = token
+        self.decoder.push(token)
+        text = self.decoder.emitted
+        cut = find_stop(text, self.params.stop)
+        if cut is not None:
+            self._send(text[self.sent : cut])
+            self.sent, self.stopped = len(text), True
+            return "stop"
+        hold = max((len(s) - 1 for s in self.params.stop), default=0)
+        if len(text) - hold > self.sent:  # a tail that could still grow into a stop string
+            self._send(text[self.sent : len(text) - hold])
+            self.sent = len(text) - hold
+        if self.completion_tokens >= self.params.max_new_tokens:
+            return "length"
+        return None
+
+    def _send(self, text: str) -> None:
+        if text:
+            self.emit(TextDelta(self.request_id, text))
+
+    def finish(self, reason: FinishReason) -> None:
+        """Flush held-back text, tell the session, then send Usage and Finished."""
+        if self.finished:
+            return
+        self.finished = True
+        if not self.stopped:
+            self._send(self.decoder.text[self.sent :])
+        if self.on_done is not None:
+            self.on_done(self.reply_text, reason)
+        usage = Usage(
+            self.request_id, self.prompt_tokens, self.completion_tokens, self.cached_tokens
+        )
+        self.emit(usage)
+        self.emit(Finished(self.request_id, reason))
+
+    def fail(self, error: BaseException) -> None:
+        """End with an error event for this request alone."""
+        if self.finished:
+            return
+        self.finished = True
+        known = isinstance(error, SpeechChatModelError)
+        code = type(error).__name__ if known else "internal_error"
+        self.emit(ErrorEvent(self.request_id, code, str(error)))
+        self.emit(Finished(self.request_id, "error"))

@@ -1,0 +1,284 @@
+"""The worker: one owner of the model and device, many conversations at once, asyncio-facing.
+
+Event-loop side only: sessions live here and are touched on the loop thread alone. Parsing,
+audio decoding and encoding run on one encoder thread; forward passes run on the engine thread
+(server/engine.py), whose events come back through `loop.call_soon_threadsafe` into one
+`asyncio.Queue` per request. No tensor leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from model.errors import MessageFormatError
+from model.messages import AudioPart, Turn, parse_messages
+from model.speech_llm import SpeechLLM
+from server.engine import Engine
+from server.engine_request import EngineRequest, PromptPlan, plan_prompt
+from server.kv_cache import KVStore
+from server.protocol import (
+    Event,
+    Finished,
+    FinishReason,
+    GenerateRequest,
+    TurnInfo,
+    UnknownSessionError,
+    WorkerBusyError,
+    WorkerStats,
+)
+from server.sessions import (
+    STREAM_WINDOW,
+    Session,
+    check_commit_length,
+    decode_pcm16,
+    new_session,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KV_BUDGET = 2 << 30  # bytes
+T = TypeVar("T")
+
+
+class Worker:
+    """Sessions, stateless requests and streaming audio over one engine thread."""
+
+    def __init__(
+        self,
+        speech_llm: SpeechLLM,
+        *,
+        kv_budget_bytes: int = DEFAULT_KV_BUDGET,
+        max_sessions: int = 256,
+        max_batch: int = 32,
+        prefill_chunk: int = 512,
+        num_threads: int | None = None,
+        stream_window_s: float = STREAM_WINDOW,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.speech_llm = speech_llm
+        self.store = KVStore(kv_budget_bytes)
+        self.engine = Engine(
+            speech_llm.llm, self.store, max_batch=max_batch, prefill_chunk=prefill_chunk
+        )
+        self.max_sessions = max_sessions
+        self.stream_window_s = stream_window_s
+        self._sessions: dict[str, Session] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="speechchat-encode")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._audio_seconds = 0.0
+        self._eos = frozenset(speech_llm.llm.eos_token_ids)
+
+    async def start(self) -> None:
+        """Start the engine thread; call inside the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self.engine.start()
+
+    async def stop(self) -> None:
+        """Cancel every request and join the engine thread."""
+        await asyncio.to_thread(self.engine.stop)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def open_session(self, system_prompt: str | None = None) -> str:
+        if len(self._sessions) >= self.max_sessions:
+            raise WorkerBusyError(f"the worker holds its maximum of {self.max_sessions} sessions")
+        prompt = (
+            system_prompt if system_prompt is not None else self.speech_llm.prompt.system_prompt
+        )
+        session = new_session(prompt, self.stream_window_s)
+        self._sessions[session.session_id] = session
+        return session.session_id
+
+    def close_session(self, session_id: str) -> None:
+        session = self._session(session_id)
+        del self._sessions[session_id]
+        session.closed = True
+        if session.active_request is not None:
+            self.engine.cancel(session.active_request)
+        key = session.store_key
+        self.engine.call(lambda: self.store.free(key))  # after the cancel has kept it
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def history(self, session_id: str) -> list[TurnInfo]:
+        return self._session(session_id).info()
+
+    async def append_messages(self, session_id: str, messages: list[dict]) -> None:
+        """Parse, decode and encode off the loop, then append (nothing on any error)."""
+        session = self._session(session_id)
+        turns = await self._off_loop(self._prepare_turns, messages, False)
+        if session.closed:
+            raise UnknownSessionError(session_id)
+        session.turns.extend(turns)
+        self._count_audio(turns)
+
+    def _session(self, session_id: str) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise UnknownSessionError(session_id)
+        return session
+
+    # -- generation ------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        """TextDelta*, Usage, Finished (or ErrorEvent, Finished('error')); see worker-api.md."""
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        req = await self._build_request(request, events)
+        session = self._sessions.get(request.session_id or "")
+        self.engine.submit(req)
+        finished = False
+        try:
+            while not finished:
+                event = await events.get()
+                finished = isinstance(event, Finished)
+                yield event
+        finally:
+            if not finished:  # the consumer left: client gone or barge-in
+                self.engine.cancel(request.request_id)
+            if session is not None and session.active_request == request.request_id:
+                session.active_request = None
+
+    def cancel(self, request_id: str) -> None:
+        self.engine.cancel(request_id)
+
+    async def _build_request(
+        self, request: GenerateRequest, events: asyncio.Queue[Event]
+    ) -> EngineRequest:
+        if (request.session_id is None) == (request.messages is None):
+            raise MessageFormatError("a request names either a session_id or messages")
+        loop = self._running_loop()
+        on_done = None
+        if request.session_id is not None:
+            session = self._session(request.session_id)
+            if session.active_request is not None:
+                raise WorkerBusyError(
+                    f"session {session.session_id} is answering {session.active_request}"
+                )
+            turns = list(session.turns)
+            session.active_request = request.request_id
+            try:
+                plan = await self._off_loop(self._plan, turns)
+            except BaseException:
+                session.active_request = None
+                raise
+            on_done = self._reply_callback(session, loop)
+        else:
+            turns = await self._off_loop(self._prepare_turns, request.messages, True)
+            plan = await self._off_loop(self._plan, turns)
+            self._count_audio(turns)
+        return EngineRequest(
+            request_id=request.request_id,
+            params=request.params,
+            plan=plan,
+            tokenizer=self.speech_llm.llm.tokenizer,
+            eos_ids=self._eos,
+            emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+            session_key=self._sessions[request.session_id].store_key if on_done else None,
+            on_done=on_done,
+        )
+
+    def _reply_callback(
+        self, session: Session, loop: asyncio.AbstractEventLoop
+    ) -> Callable[[str, FinishReason], None]:
+        def on_done(text: str, reason: FinishReason) -> None:  # engine thread
+            loop.call_soon_threadsafe(self._append_reply, session, text)
+
+        return on_done
+
+    @staticmethod
+    def _append_reply(session: Session, text: str) -> None:
+        if not session.closed:
+            session.append_reply(text)
+
+    def _plan(self, turns: Sequence[Turn]) -> PromptPlan:
+        return plan_prompt(self.speech_llm.llm.tokenizer, turns)
+
+    def _prepare_turns(self, messages: Sequence[Any], stateless: bool) -> list[Turn]:
+        """Encoder thread: messages -> turns whose audio parts carry embeddings only."""
+        if stateless:
+            turns = self.speech_llm.parse(messages)
+        else:
+            turns = parse_messages(messages, max_seconds=self.speech_llm.prompt.max_audio_seconds)
+        return [self._encode_turn(t) for t in turns]
+
+    def _encode_turn(self, turn: Turn) -> Turn:
+        if not turn.has_audio:
+            return turn
+        parts = tuple(
+            p.with_embeddings(self.speech_llm.encode_audio(p))
+            if isinstance(p, AudioPart) and p.embeddings is None
+            else p
+            for p in turn.parts
+        )
+        return Turn(turn.role, parts)
+
+    # -- streaming audio -------------------------------------------------------------------
+
+    async def push_audio(self, session_id: str, pcm16: bytes, sample_rate: int) -> None:
+        """Buffer pcm16 audio; whole windows go to the encoder while the user speaks."""
+        session = self._session(session_id)
+        wav = await self._off_loop(decode_pcm16, pcm16, sample_rate)  # [T_wav]
+        stream = session.stream
+        for window in stream.push(wav):
+            if self.speech_llm.encoder is not None:
+                stream.windows.append(self._pool.submit(self.speech_llm.encoder.encode_one, window))
+
+    async def commit_audio(self, session_id: str) -> float:
+        """The buffered audio becomes a user turn; returns its seconds."""
+        session = self._session(session_id)
+        stream = session.stream
+        check_commit_length(stream.samples)
+        if self.speech_llm.encoder is None:
+            raise MessageFormatError("this model has no audio encoder loaded; send text only")
+        session.reset_stream(self.stream_window_s)
+        part, rest, windows = stream.whole(), stream.take_rest(), stream.windows
+        encoder = self.speech_llm.encoder
+
+        def encode_rest() -> torch.Tensor:
+            embs = [w.result() for w in windows]  # done: this pool runs in submission order
+            if rest.numel():
+                embs.append(encoder.encode_one(rest))  # [T, D]
+            return torch.cat(embs)  # [T, D]
+
+        emb = await self._off_loop(encode_rest)
+        turn = Turn("user", (part.with_embeddings(emb),))
+        if not session.closed:
+            session.turns.append(turn)
+        self._count_audio([turn])
+        return part.duration
+
+    def clear_audio(self, session_id: str) -> None:
+        self._session(session_id).reset_stream(self.stream_window_s)
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats(
+            active_sessions=len(self._sessions),
+            running_requests=self.engine.active_count,
+            kv_cache_bytes=self.store.used_bytes,
+            kv_budget_bytes=self.store.budget_bytes,
+            audio_seconds_total=self._audio_seconds,
+        )
+
+    def _count_audio(self, turns: Sequence[Turn]) -> None:
+        self._audio_seconds += sum(
+            p.duration for t in turns for p in t.parts if isinstance(p, AudioPart)
+        )
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("Worker.start() must be awaited before use")
+        return self._loop
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._running_loop().run_in_executor(self._pool, fn, *args)

@@ -1,0 +1,214 @@
+"""Cancellation, failures that stay with their request, sessions, streaming audio, the KV store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from model.config import SAMPLE_RATE, encoder_preset
+from model.decoding import SamplingParams
+from model.encoders import build_encoder
+from model.errors import AudioDecodeError, MessageFormatError
+from model.messages import AudioPart, TextPart, Turn
+from model.speech_llm import SpeechLLM
+from server.kv_cache import KVEntry, KVStore
+from server.protocol import (
+    ErrorEvent,
+    Finished,
+    GenerateRequest,
+    TextDelta,
+    UnknownSessionError,
+    WorkerBusyError,
+)
+from server.sessions import decode_pcm16
+from tests.unit.server.test_worker import answer, make_varied_llm, reference_text, run, started
+
+QUESTION = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+@pytest.fixture(scope="module")
+def varied(tiny_llm) -> SpeechLLM:
+    return SpeechLLM(make_varied_llm(tiny_llm.tokenizer))
+
+
+@pytest.fixture(scope="module")
+def with_ears(tiny_llm) -> SpeechLLM:
+    llm = make_varied_llm(tiny_llm.tokenizer)
+    torch.manual_seed(1)
+    encoder = build_encoder(encoder_preset("tiny", llm_hidden=llm.hidden_size))
+    return SpeechLLM(llm, encoder.eval())
+
+
+def pcm16(wav: torch.Tensor) -> bytes:
+    return (wav.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+
+
+def test_cancel_mid_generation_frees_the_slot_and_cache(varied):
+    async def main():
+        worker = await started(varied)
+        sid = worker.open_session()
+        await worker.append_messages(sid, QUESTION)
+        request = GenerateRequest("long", SamplingParams(max_new_tokens=2000), session_id=sid)
+        stream = worker.generate(request)
+        deltas = 0
+        async for event in stream:
+            deltas += isinstance(event, TextDelta)
+            if deltas == 3:
+                break
+        await stream.aclose()  # the client went away
+        for _ in range(200):
+            if worker.stats().running_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        rows = len(worker.engine.decoding)
+        history = worker.history(sid)
+        kept = worker.store.get(f"s:{sid}") is not None
+        worker.close_session(sid)
+        await asyncio.sleep(0.05)
+        closed = worker.store.get(f"s:{sid}") is None
+        stats = worker.stats()
+        await worker.stop()
+        return rows, history, kept, closed, stats
+
+    rows, history, kept, closed, stats = run(main())
+    assert rows == 0
+    assert history[-1].role == "assistant" and history[-1].text  # what was said so far
+    assert kept and closed
+    assert stats.running_requests == 0
+    assert stats.kv_cache_bytes == 0 or stats.kv_cache_bytes <= stats.kv_budget_bytes
+
+
+def test_cancel_by_id_ends_with_cancelled(varied):
+    async def main():
+        worker = await started(varied)
+        request = GenerateRequest("r", SamplingParams(max_new_tokens=2000), messages=QUESTION)
+        events = []
+        async for event in worker.generate(request):
+            events.append(event)
+            if len(events) == 2:
+                worker.cancel("r")
+        await worker.stop()
+        return events
+
+    events = run(main())
+    assert events[-1] == Finished("r", "cancelled")
+    assert len(events) < 100
+
+
+def test_bad_request_fails_alone(varied):
+    width = varied.llm.hidden_size
+    bad_audio = AudioPart(digest="bad", duration=0.1, embeddings=torch.randn(4, width + 1))
+    convs = [[{"role": "user", "content": f"Story number {i}."}] for i in range(3)]
+
+    async def main():
+        worker = await started(varied, max_batch=4)
+        good = [answer(worker, messages=c) for c in convs]
+        bad_request = GenerateRequest(
+            "bad", SamplingParams(), messages=[Turn("user", (bad_audio,))]
+        )
+
+        async def collect_bad():
+            return [e async for e in worker.generate(bad_request)]
+
+        *results, bad = await asyncio.gather(*good, collect_bad())
+        with pytest.raises(MessageFormatError):
+            request = GenerateRequest("x", SamplingParams(), messages=[{"role": "robot"}])
+            await worker.generate(request).__anext__()
+        await worker.stop()
+        return results, bad
+
+    results, bad = run(main())
+    assert isinstance(bad[0], ErrorEvent) and bad[0].code == "MessageFormatError"
+    assert bad[-1] == Finished("bad", "error")
+    for (text, _, reason), conv in zip(results, convs, strict=True):
+        assert reason == "length"
+        assert text == reference_text(varied, [Turn("user", (TextPart(conv[0]["content"]),))])
+
+
+def test_session_api_errors(varied):
+    async def main():
+        worker = await started(varied, max_sessions=1)
+        sid = worker.open_session()
+        with pytest.raises(WorkerBusyError):
+            worker.open_session()
+        with pytest.raises(UnknownSessionError):
+            await worker.append_messages("nope", QUESTION)
+        with pytest.raises(MessageFormatError):
+            await worker.append_messages(sid, [{"role": "user", "content": []}])
+        assert worker.history(sid) == []  # nothing appended on error
+        await worker.append_messages(sid, QUESTION)
+        await answer(worker, session_id=sid)
+        worker.close_session(sid)
+        assert not worker.has_session(sid)
+        with pytest.raises(UnknownSessionError):
+            worker.history(sid)
+        await worker.stop()
+
+    run(main())
+
+
+def test_streamed_audio_is_encoded_while_arriving(with_ears, speak):
+    wav = speak("The quick brown fox jumps over the lazy dog near the river bank today.")
+    chunk = SAMPLE_RATE // 5  # 200 ms pushes
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=1.0)
+        sid = worker.open_session()
+        for start in range(0, wav.shape[0], chunk):
+            await worker.push_audio(sid, pcm16(wav[start : start + chunk]), SAMPLE_RATE)
+        windows = len(worker._sessions[sid].stream.windows)
+        seconds = await worker.commit_audio(sid)
+        text, usage, _ = await answer(worker, session_id=sid)
+        with pytest.raises(AudioDecodeError):
+            await worker.commit_audio(sid)  # the buffer is empty again
+        history, stats = worker.history(sid), worker.stats()
+        await worker.stop()
+        return windows, seconds, history, stats, usage
+
+    windows, seconds, history, stats, usage = run(main())
+    assert windows >= 2
+    assert seconds == pytest.approx(wav.shape[0] / SAMPLE_RATE, abs=0.01)
+    assert history[0].audio_seconds == [pytest.approx(seconds)]
+    assert stats.audio_seconds_total == pytest.approx(seconds)
+    assert usage.prompt_tokens > seconds * 10  # one embedding per 80 ms
+
+
+def test_unwindowed_stream_equals_whole_encoding(with_ears):
+    gen = torch.Generator().manual_seed(0)
+    wav = (0.1 * torch.randn(SAMPLE_RATE * 2, generator=gen)).clamp(-1, 1)
+    wav8k = wav[::2]  # pushed at 8 kHz, resampled to 16 kHz inside
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=0.0)
+        sid = worker.open_session()
+        await worker.push_audio(sid, pcm16(wav8k), 8000)
+        await worker.commit_audio(sid)
+        part = worker._sessions[sid].turns[-1].parts[0]
+        await worker.stop()
+        return part
+
+    part = run(main())
+    assert part.waveform is None and part.duration == pytest.approx(2.0, abs=0.01)
+    expected = with_ears.encoder.encode_one(decode_pcm16(pcm16(wav8k), 8000))  # [T, D]
+    assert expected.shape[0] >= 20  # about one embedding per 80 ms
+    assert torch.equal(part.embeddings, expected)
+
+
+def test_kv_store_evicts_lru_and_never_exceeds_budget():
+    def entry(n: int) -> KVEntry:
+        return KVEntry(torch.zeros(2, 2, 1, n, 4), list(range(n)))  # 64 bytes a position
+
+    store = KVStore(budget_bytes=64 * 100)
+    assert store.allocate("s:a", entry(40)) and store.allocate("s:b", entry(40))
+    store.get("s:a")  # a is now the most recently used
+    assert store.allocate("s:c", entry(40))
+    assert "s:b" not in store and "s:a" in store and store.evictions == 1
+    assert not store.reserve(64 * 101)
+    assert store.reserve(64 * 50) and "s:a" not in store
+    assert store.used_bytes == 64 * 90 and store.peak_bytes <= store.budget_bytes
+    assert not store.allocate("s:d", entry(60))  # only 50 positions left beside the arena
+    store.release(64 * 50)
+    assert store.allocate("p:1", entry(30))
+    assert store.find_prefix([0, 1, 2, 99]) == ("p:1", 3)
