@@ -1,0 +1,124 @@
+"""The whole training pipeline on a handful of synthesized sentences with tiny models:
+synth -> respond -> align -> evaluate (and CTC pretraining -> align --init)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from training.align import align
+from training.config import AlignConfig, CTCConfig, SynthConfig
+from training.corpus import Sentence, write_sentences
+from training.ctc import pretrain_ctc
+from training.evaluate import evaluate
+from training.manifest import read_manifest
+from training.responses import respond_manifest
+from training.synth import synthesize_corpus
+
+SENTENCES = [
+    ("p1", "What is the capital of France?", "train"),
+    ("p2", "Tell me a joke about cats.", "train"),
+    ("p3", "How do airplanes stay in the air?", "train"),
+    ("p4", "Name three primary colours.", "train"),
+    ("p5", "Why is the sky blue?", "dev"),
+    ("p6", "Give me a recipe for pancakes.", "dev"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_llm_dir: Path) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (make test installs it)")
+    root = tmp_path_factory.mktemp("pipeline")
+    write_sentences(
+        root / "s.jsonl", [Sentence(i, t, "test", "question", s) for i, t, s in SENTENCES]
+    )
+    config = SynthConfig(
+        train_voices=("espeak:en-us",),
+        dev_voices=("espeak:en-us+f2",),
+        eval_voices=("espeak:en-gb",),
+    )
+    report = synthesize_corpus(root / "s.jsonl", root / "out", workers=1, config=config)
+    assert report.failed == 0
+    for split in ("train", "dev"):
+        respond_manifest(root / "out" / f"{split}.jsonl", llm=str(tiny_llm_dir), max_new_tokens=12)
+    return root / "out"
+
+
+def test_responses_are_added_to_every_line(corpus: Path):
+    for split in ("train", "dev"):
+        utts = read_manifest(corpus / f"{split}.jsonl")
+        assert utts and all(u.response is not None and u.split == split for u in utts)
+
+
+def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
+    corpus: Path, tiny_llm_dir, tiny_llm, tmp_path
+):
+    cfg = AlignConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="conformer",
+        encoder_preset="tiny",
+        steps=12,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=6,
+        save_every=6,
+        num_workers=0,
+        max_response_tokens=12,
+    )
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    out = align(cfg, manifests, tmp_path / "run")
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert [r["step"] for r in records if "dev_ce" in r] == [6, 12]
+    assert (out / "loss.png").stat().st_size > 1000
+    config = json.loads((out / "encoder" / "config.json").read_text())
+    assert config["training"]["steps"] == 12 and config["llm"]["name"] == tiny_llm.name
+    # resuming a finished run does no more steps
+    align(cfg, manifests, tmp_path / "run")
+    assert len((out / "log.jsonl").read_text().splitlines()) == 12
+
+    summary = evaluate(
+        corpus / "dev.jsonl",
+        str(out / "encoder"),
+        tmp_path / "eval",
+        llm=str(tiny_llm_dir),
+        split="dev",
+    )
+    for key in ("ppl text", "ppl end-to-end", "ppl cascade", "cascade WER"):
+        assert summary[key] >= 0 and summary[key] == summary[key]  # finite, not NaN
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "ppl end-to-end" in report and "Two-turn" in report
+    assert (tmp_path / "eval" / "perplexity.png").is_file()
+
+
+def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path):
+    ctc = CTCConfig(
+        llm=str(tiny_llm_dir),
+        encoder_preset="tiny",
+        steps=4,
+        batch_size=4,
+        eval_every=4,
+        num_workers=0,
+    )
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    encoder_dir = pretrain_ctc(ctc, manifests, tmp_path / "ctc")
+    record = json.loads((tmp_path / "ctc" / "log.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["dev_wer"] and record["loss"] > 0
+    cfg = AlignConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="conformer",
+        init=str(encoder_dir),
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        num_workers=0,
+        eval_every=2,
+    )
+    out = align(cfg, manifests, tmp_path / "aligned")
+    assert (out / "encoder" / "encoder.safetensors").is_file()

@@ -1,0 +1,158 @@
+"""`speechchat` verbs of the training pipeline; each parses arguments and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_corpus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("data/corpus/sentences.jsonl"))
+    p.add_argument("--recipe", default="default", help="recipe name or YAML file")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    from training.config import load_recipe
+    from training.corpus import build_corpus
+
+    print(build_corpus(args.out, load_recipe(args.recipe).corpus, force=args.force))
+    return 0
+
+
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sentences", type=Path, help="sentence set (.jsonl from `corpus`, or .txt)")
+    p.add_argument("--out", type=Path, default=Path("data/corpus"))
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--limit", type=int, default=None, help="render only the first N sentences")
+    p.add_argument("--recipe", default="default")
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from training.config import load_recipe
+    from training.synth import synthesize_corpus
+
+    cfg = load_recipe(args.recipe).synth
+    print(synthesize_corpus(args.sentences, args.out, args.workers, cfg, args.limit))
+    return 0
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["librispeech", "mls", "folder"])
+    p.add_argument("src", type=Path, help="the corpus folder")
+    p.add_argument("--out", type=Path, required=True, help="manifest to write (.jsonl)")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from training.importers import import_corpus
+
+    print(import_corpus(args.kind, args.src, args.out))
+    return 0
+
+
+def add_respond_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: rewrite the manifest")
+    p.add_argument("--llm", default="default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def run_respond(args: argparse.Namespace) -> int:
+    from training.responses import respond_manifest
+
+    respond_manifest(
+        args.manifest,
+        args.out,
+        args.llm,
+        args.device,
+        args.system,
+        args.max_tokens,
+        args.batch_size,
+    )
+    return 0
+
+
+def _add_training_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        action="append",
+        required=True,
+        help="manifest(s); train lines train, dev lines measure (repeatable)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it exists)")
+    p.add_argument("--recipe", default=None, help="recipe name or YAML file")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
+    p.add_argument("--workers", type=int, default=None, help="data loader workers")
+
+
+def _common_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_minutes": args.max_minutes,
+        "num_workers": args.workers,
+    }
+
+
+def add_pretrain_ctc_arguments(p: argparse.ArgumentParser) -> None:
+    _add_training_common(p)
+
+
+def run_pretrain_ctc(args: argparse.Namespace) -> int:
+    from training.config import CTCConfig, load_step_config
+    from training.ctc import pretrain_ctc
+
+    cfg = load_step_config(CTCConfig, "ctc", args.recipe, **_common_overrides(args))
+    print(pretrain_ctc(cfg, args.manifest, args.out, args.device))
+    return 0
+
+
+def add_align_arguments(p: argparse.ArgumentParser) -> None:
+    _add_training_common(p)
+    p.add_argument("--encoder-kind", choices=["whisper", "conformer"], default=None)
+    p.add_argument("--init", default=None, help="start from this encoder checkpoint")
+    p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from training.align import align
+    from training.config import AlignConfig, load_step_config
+
+    cfg = load_step_config(
+        AlignConfig,
+        "align",
+        args.recipe,
+        **_common_overrides(args),
+        encoder_kind=args.encoder_kind,
+        init=args.init,
+        kl_weight=args.kl_weight,
+    )
+    print(align(cfg, args.manifest, args.out, args.device))
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifest", type=Path, required=True)
+    p.add_argument("--encoder", required=True, help="checkpoint dir or 'default'")
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: next to it)")
+    p.add_argument("--llm", default="default")
+    p.add_argument("--split", default=None, help="only lines of this split (default: all)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate
+
+    out = args.out or args.manifest.with_suffix("").with_name(args.manifest.stem + "-eval")
+    evaluate(args.manifest, args.encoder, out, args.llm, args.split, args.limit, args.device)
+    return 0

@@ -1,0 +1,123 @@
+"""Response generation: the frozen LLM answers every transcript as a typed prompt.
+
+This turns unpaired ASR data (audio, transcript) into (audio, response) pairs, the targets of
+modal-invariance alignment. Answers are greedy and capped in length; they are cached by the hash
+of (LLM, prompt settings, text), so a rerun or a second manifest with the same sentences is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model.llm import LoadedLLM, load_llm
+from model.messages import TextPart, Turn
+from model.prompt import render_prompt, text_only_ids, with_system_prompt
+from training.manifest import read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_TOKENS = 96  # tokens; the paper trains on whole answers, we cap for speed
+BATCH_SIZE = 32  # prompts per generate call
+CACHE_NAME = "responses.cache.jsonl"
+
+
+def prompt_ids(llm: LoadedLLM, text: str, system_prompt: str | None) -> list[int]:
+    """The chat-template ids of `text` as a single user turn (plus an optional system turn)."""
+    turns = with_system_prompt([Turn("user", (TextPart(text),))], system_prompt)
+    ids = text_only_ids(render_prompt(llm.tokenizer, turns))
+    assert ids is not None  # text only
+    return ids
+
+
+@torch.inference_mode()
+def generate_batch(llm: LoadedLLM, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy answers to a batch of prompts (left-padded, so every row ends at the same place)."""
+    pad = llm.eos_token_ids[0]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)  # [B, T]
+    mask = torch.zeros_like(ids)  # [B, T]
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = llm.model.generate(
+        ids.to(llm.device),
+        attention_mask=mask.to(llm.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=llm.eos_token_ids,
+        pad_token_id=pad,
+    )  # [B, T + N]
+    new = out[:, width:].tolist()
+    return [llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def cache_key(llm: LoadedLLM, text: str, system_prompt: str | None, max_new_tokens: int) -> str:
+    blob = json.dumps([llm.identity.embed_hash, system_prompt, max_new_tokens, text])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def read_cache(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {line["key"]: line["response"] for line in lines}
+
+
+def answer_texts(
+    llm: LoadedLLM,
+    texts: Sequence[str],
+    cache_path: Path,
+    system_prompt: str | None = None,
+    max_new_tokens: int = MAX_RESPONSE_TOKENS,
+    batch_size: int = BATCH_SIZE,
+) -> dict[str, str]:
+    """text -> the LLM's greedy answer, for every distinct text; resumable through `cache_path`."""
+    cache = read_cache(cache_path)
+    keys = {t: cache_key(llm, t, system_prompt, max_new_tokens) for t in dict.fromkeys(texts)}
+    todo = sorted(
+        (t for t, k in keys.items() if k not in cache), key=len
+    )  # similar lengths batch well
+    log.info("%d distinct texts, %d already answered", len(keys), len(keys) - len(todo))
+    with cache_path.open("a") as sink, tqdm(total=len(todo), desc="responses", unit="utt") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            prompts = [prompt_ids(llm, t, system_prompt) for t in batch]
+            for text, answer in zip(
+                batch, generate_batch(llm, prompts, max_new_tokens), strict=True
+            ):
+                cache[keys[text]] = answer
+                sink.write(json.dumps({"key": keys[text], "response": answer}) + "\n")
+            sink.flush()
+            bar.update(len(batch))
+    return {t: cache[k] for t, k in keys.items()}
+
+
+def respond_manifest(
+    manifest: str | Path,
+    out: str | Path | None = None,
+    llm: str = "default",
+    device: str = "cpu",
+    system_prompt: str | None = None,
+    max_new_tokens: int = MAX_RESPONSE_TOKENS,
+    batch_size: int = BATCH_SIZE,
+) -> Path:
+    """Add `"response"` to every line of a manifest (in place unless `out` is given)."""
+    manifest, out = Path(manifest), Path(out or manifest)
+    utterances = read_manifest(manifest)
+    loaded = load_llm(llm, device=device)
+    cache_path = out.parent / CACHE_NAME
+    answers = answer_texts(
+        loaded, [u.text for u in utterances], cache_path, system_prompt, max_new_tokens, batch_size
+    )
+    for utt in utterances:
+        utt.response = answers[utt.text]
+    write_manifest(out, utterances)
+    log.info("wrote %d responses into %s", len(utterances), out)
+    return out
