@@ -71,7 +71,9 @@ class LoadedLLM:
         """Name, sizes and a hash of the embedding table; computed once, on first use."""
         if self._identity is None:
             table = self.model.get_input_embeddings().weight.detach()  # [V, D_llm]
-            digest = hashlib.sha256(table.float().cpu().numpy().tobytes()).hexdigest()
+            # hashed in bf16 so a float32 load on CPU and a bf16 load on GPU agree
+            bits = table.to(torch.bfloat16).view(torch.int16).cpu().numpy()  # [V, D_llm]
+            digest = hashlib.sha256(bits.tobytes()).hexdigest()
             self._identity = LLMIdentity(
                 name=self.name,
                 hidden_size=self.hidden_size,

@@ -23,9 +23,11 @@ def test_identity_is_stable_and_distinguishes_weights(tiny_llm, tiny_llama2_dir)
     assert tiny_llm.identity.embed_hash == other.identity.embed_hash
 
 
-def test_bf16_on_cpu_by_choice(tiny_llm_dir):
+def test_bf16_on_cpu_by_choice(tiny_llm_dir, tiny_llm):
     llm = load_llm(str(tiny_llm_dir), dtype="bfloat16")
     assert llm.dtype == torch.bfloat16
+    # an encoder aligned on a bf16 GPU loads against the float32 CPU model and back
+    assert llm.identity == tiny_llm.identity
     assert pick_dtype(torch.device("cpu"), None) == torch.float32
     assert pick_dtype(torch.device("cuda"), None) == torch.bfloat16
 
