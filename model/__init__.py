@@ -1,1 +1,1 @@
-"""speechchat.model: audio front-end, audio encoders, the frozen LLM, mixed-turn prompts, checkpoints."""
+"""speechchat.model: audio front-end, encoders, the frozen LLM, mixed-turn prompts, checkpoints."""

@@ -14,8 +14,14 @@ from collections.abc import Sequence
 
 # verb -> (module holding `add_<verb>_arguments(parser)` and `run_<verb>(args)`, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "serve": ("server.cli", "serve the HTTP/WebSocket API (default: SmolLM2 + the shipped encoder)"),
-    "transcribe": ("model.cli_verbs", "transcribe audio files with the cascade ASR (Whisper tiny.en)"),
+    "serve": (
+        "server.cli",
+        "serve the HTTP/WebSocket API (default: SmolLM2 + the shipped encoder)",
+    ),
+    "transcribe": (
+        "model.cli_verbs",
+        "transcribe audio files with the cascade ASR (Whisper tiny.en)",
+    ),
     "reply": ("model.cli_verbs", "answer one text or audio prompt locally, no server"),
     "corpus": ("training.cli", "build the English sentence set from offline sources"),
     "synth": ("training.cli", "synthesize a sentence set to speech (16 kHz flac + manifests)"),

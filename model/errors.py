@@ -22,7 +22,7 @@ class MessageFormatError(SpeechChatModelError):
 
 
 class LLMLoadError(SpeechChatModelError):
-    """The LLM spec does not name a loadable model (missing path, not Llama-family, no chat template)."""
+    """The LLM spec names no loadable chat model (missing path, unloadable, no chat template)."""
 
 
 class CheckpointMismatchError(SpeechChatModelError):

@@ -147,11 +147,12 @@ class SpeechLLM:
     # -- scoring ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def score(self, messages: Sequence[Any], response_text: str) -> Scored:
-        """Log-probs [N] of `response_text` (plus its end-of-turn id) as the assistant's reply."""
+    def score(self, messages: Sequence[Any], response_text: str, complete: bool = True) -> Scored:
+        """Log-probs [N] of `response_text` as the assistant's reply, plus its end-of-turn id
+        when `complete` (False for an answer cut at a length cap)."""
         prompt = self.embed(self.parse(messages))  # [T, D]
         eos = self.llm.eos_token_ids[0]
-        ids = response_ids(self.llm.tokenizer, response_text, eos)
+        ids = response_ids(self.llm.tokenizer, response_text, eos)[: None if complete else -1]
         target = torch.tensor(ids, device=self.llm.device)  # [N]
         embeds = torch.cat([prompt, self.llm.embed_tokens(target)])[None]  # [1, T + N, D]
         logits = self.llm.model(inputs_embeds=embeds).logits[0]  # [T + N, V]

@@ -28,14 +28,6 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}"
     "{% endif %}{% endfor %}"
 )
-TINY_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=2048,
-)
 
 
 @pytest.fixture(scope="session")
@@ -47,21 +39,15 @@ def default_llm_dir() -> Path:
 
 
 def _write_tiny_llm(out: Path, source: Path, chat_template: str | None) -> Path:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.tiny import tiny_llama_config
 
     tokenizer = AutoTokenizer.from_pretrained(source)
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        **TINY_LLAMA,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

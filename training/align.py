@@ -60,6 +60,8 @@ def alignment_loss(
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
     packed = pack_rows(llm, turns, frame, batch["responses"])
     logits = response_logits(llm, packed)  # [N, V]
+    if packed.targets.numel() == 0:  # every answer empty and cut: nothing to learn from
+        return logits.sum() * 0.0, {"ce": 0.0}
     ce = torch.nn.functional.cross_entropy(logits, packed.targets)
     stats = {"ce": float(ce.detach())}
     if cfg.kl_weight <= 0:

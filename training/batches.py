@@ -20,6 +20,7 @@ from model.llm import LoadedLLM
 from model.messages import AudioPart, TextPart, Turn
 from model.prompt import AudioSpan, render_prompt, response_ids, tokenize, with_system_prompt
 from training.manifest import Utterance
+from training.responses import COMPLETE_KEY
 
 PLACEHOLDER_SECONDS = 0.0  # s, the frame is rendered around an empty audio span
 
@@ -64,6 +65,12 @@ class Example:
     response: list[int]  # target ids, end-of-turn included unless truncated
 
 
+def response_target(llm: LoadedLLM, utt: Utterance) -> list[int]:
+    """The response's ids; the end-of-turn id only if the LLM ended its answer there."""
+    ids = response_ids(llm.tokenizer, utt.response or "", llm.eos_token_ids[0])
+    return ids if utt.extra.get(COMPLETE_KEY, True) else ids[:-1]
+
+
 class AlignDataset(Dataset):
     """Manifest lines with responses -> examples (audio decoded here, in loader workers)."""
 
@@ -81,11 +88,7 @@ class AlignDataset(Dataset):
             )
         self.utterances = list(utterances)
         self.max_seconds = max_audio_seconds
-        eos = llm.eos_token_ids[0]
-        self.targets = [
-            response_ids(llm.tokenizer, u.response or "", eos)[:max_response_tokens]
-            for u in self.utterances
-        ]
+        self.targets = [response_target(llm, u)[:max_response_tokens] for u in self.utterances]
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -130,11 +133,11 @@ def pack_rows(
 ) -> PackedBatch:
     """Per-row turn embeddings [T_i, D] -> [prefix][turn][suffix][response] rows, right-padded."""
     device = llm.device
-    prefix = llm.embed_tokens(torch.tensor(frame.prefix))  # [T_p, D]
-    suffix = llm.embed_tokens(torch.tensor(frame.suffix))  # [T_s, D]
+    prefix = llm.embed_tokens(torch.tensor(frame.prefix, dtype=torch.long))  # [T_p, D]
+    suffix = llm.embed_tokens(torch.tensor(frame.suffix, dtype=torch.long))  # [T_s, D]
     rows_emb, rows, cols, targets = [], [], [], []
     for row, (turn, resp) in enumerate(zip(turns, responses, strict=True)):
-        resp_t = torch.tensor(resp, device=device)  # [N_i]
+        resp_t = torch.tensor(resp, dtype=torch.long, device=device)  # [N_i]
         seq = torch.cat(
             [prefix, turn.to(prefix.dtype), suffix, llm.embed_tokens(resp_t)]
         )  # [T_i, D]
@@ -163,4 +166,5 @@ def response_logits(llm: LoadedLLM, batch: PackedBatch) -> torch.Tensor:
 
 def text_turns(llm: LoadedLLM, frame: PromptFrame, texts: Sequence[str]) -> list[torch.Tensor]:
     """Each transcript's embeddings as a typed turn [T_i, D], for the text-prompted teacher."""
-    return [llm.embed_tokens(torch.tensor(frame.turn_ids(llm, t))) for t in texts]  # [T_i, D]
+    ids = [torch.tensor(frame.turn_ids(llm, t), dtype=torch.long) for t in texts]
+    return [llm.embed_tokens(i) for i in ids]  # [T_i, D] each

@@ -5,7 +5,8 @@ riddles), GCIDE quotations, The Devil's Dictionary, the Jargon File, questions a
 from WordNet lemmas, and optionally questions written by the frozen LLM. Every candidate passes
 `clean_sentence`; duplicates are dropped case-insensitively; the split (train/dev/eval) is a hash
 of the sentence so it never changes between runs. Sentence splitting is a small regex of our own
-because NLTK's punkt needs a data download.
+because NLTK's punkt needs a data download. The template source lives in `training/lexicon.py`,
+the LLM source in `training/llm_questions.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from training.config import CorpusConfig
+from training.lexicon import generate_template_sentences, load_lexicon
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ PUNCT_MAP = {
     "\t": " ",
 }
 MAX_UPPER_SHARE = 0.3  # of words written in capitals (headers, shouting, acronyms)
+WORDNET_STARTERS = set(  # first words of a WordNet example that reads as a whole sentence
+    "i you he she it we they the a an this that these those his her their my our your there "
+    "what who how why when where do does did is are can let's don't please if after before "
+    "some all many".split()
+)
 
 
 @dataclass
@@ -151,50 +158,6 @@ def split_sentences(paragraph: str) -> list[str]:
 
 def read_wordnet_examples(wordnet_dir: Path) -> Iterator[str]:
     """Example sentences quoted in WordNet glosses that read as whole sentences."""
-    starters = {
-        "i",
-        "you",
-        "he",
-        "she",
-        "it",
-        "we",
-        "they",
-        "the",
-        "a",
-        "an",
-        "this",
-        "that",
-        "these",
-        "those",
-        "his",
-        "her",
-        "their",
-        "my",
-        "our",
-        "your",
-        "there",
-        "what",
-        "who",
-        "how",
-        "why",
-        "when",
-        "where",
-        "do",
-        "does",
-        "did",
-        "is",
-        "are",
-        "can",
-        "let's",
-        "don't",
-        "please",
-        "if",
-        "after",
-        "before",
-        "some",
-        "all",
-        "many",
-    }
     for pos in ("noun", "verb", "adj", "adv"):
         for line in open(wordnet_dir / f"data.{pos}", encoding="latin-1"):
             if line.startswith("  ") or "|" not in line:
@@ -202,7 +165,7 @@ def read_wordnet_examples(wordnet_dir: Path) -> Iterator[str]:
             for example in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
                 words = example.split()
                 first = words[0].lower() if words else ""
-                if len(words) >= 4 and (first in starters or words[0][:1].isupper()):
+                if len(words) >= 4 and (first in WORDNET_STARTERS or words[0][:1].isupper()):
                     text = example[0].upper() + example[1:]
                     yield text if text[-1] in ".!?" else text + "."
 
@@ -251,296 +214,6 @@ def read_dict_prose(dictd_dir: Path, name: str) -> Iterator[str]:
                 continue
             text = re.sub(r"\[[^\]]*\]", "", text).replace("{", "").replace("}", "")
         yield from split_sentences(text)
-
-
-@dataclass
-class Lexicon:
-    """Common WordNet lemmas and relations that fill the question and request templates."""
-
-    nouns: list[tuple[str, str, int]]  # (noun, its hypernym, lexicographer file number)
-    siblings: dict[str, list[str]]  # hypernym -> common nouns under it
-    verbs: list[str]
-    antonyms: list[tuple[str, str]]  # (adjective, its antonym)
-    places: list[str]
-    people: list[str]
-
-
-def parse_wordnet(path: Path) -> dict[str, tuple[int, list[str], list[tuple[str, str]]]]:
-    """offset -> (lexfile, [(lemma, lex_id)...] as 'lemma:lexid', [(pointer, target offset)])."""
-    synsets = {}
-    for line in open(path, encoding="latin-1"):
-        if line.startswith("  "):
-            continue
-        f = line.split("|", 1)[0].split()
-        n_words = int(f[3], 16)
-        words = [f"{f[4 + 2 * i]}:{int(f[5 + 2 * i], 16)}" for i in range(n_words)]
-        at = 4 + 2 * n_words
-        pointers = [(f[at + 1 + 4 * i], f[at + 2 + 4 * i]) for i in range(int(f[at]))]
-        synsets[f[0]] = (int(f[1]), words, pointers)
-    return synsets
-
-
-def read_sense_counts(wordnet_dir: Path) -> dict[str, tuple[int, int]]:
-    """'lemma%ss:lexfile:lexid' -> (sense number, tagged count), from cntlist.rev."""
-    counts = {}
-    for line in open(wordnet_dir / "cntlist.rev", encoding="latin-1"):
-        key, sense, count = line.split()
-        lemma, rest = key.split("%", 1)
-        ss_type, lexfile, lexid = rest.split(":")[:3]
-        counts[f"{lemma}%{ss_type}:{int(lexfile)}:{int(lexid)}"] = (int(sense), int(count))
-    return counts
-
-
-def common_lemma(word: str, ss_type: int, lexfile: int, counts: dict, min_count: int) -> str:
-    """The lemma if this is its first, frequent sense and it is plain letters, else ''."""
-    lemma, lexid = word.rsplit(":", 1)
-    lemma = re.sub(r"\(.*\)$", "", lemma)
-    sense, count = counts.get(f"{lemma.lower()}%{ss_type}:{lexfile}:{lexid}", (0, 0))
-    if sense != 1 or count < min_count or not re.fullmatch(r"[a-z]+(_[a-z]+)?", lemma):
-        return ""
-    return lemma.replace("_", " ")
-
-
-def load_lexicon(wordnet_dir: Path, min_count: int = 3) -> Lexicon:
-    """Frequent nouns (with hypernyms), verbs, antonym pairs, named places and people."""
-    counts = read_sense_counts(wordnet_dir)
-    nouns_db = parse_wordnet(wordnet_dir / "data.noun")
-    first = {off: s[1][0].rsplit(":", 1)[0].replace("_", " ") for off, s in nouns_db.items()}
-    nouns, siblings, places, people = [], {}, [], []
-    for lexfile, words, pointers in nouns_db.values():
-        instance_of = [t for p, t in pointers if p == "@i"]
-        if instance_of and lexfile in (15, 18):
-            name = max((w.rsplit(":", 1)[0] for w in words), key=lambda w: w.count("_"))
-            if re.fullmatch(r"[A-Z][a-z]+(_[A-Z][a-z]+){0,2}", name):
-                (places if lexfile == 15 else people).append(name.replace("_", " "))
-            continue
-        noun = common_lemma(words[0], 1, lexfile, counts, min_count)
-        hypernyms = [t for p, t in pointers if p == "@"]
-        if noun and hypernyms:
-            nouns.append((noun, first[hypernyms[0]], lexfile))
-            siblings.setdefault(first[hypernyms[0]], []).append(noun)
-    verbs = [
-        v
-        for lexfile, words, _ in parse_wordnet(wordnet_dir / "data.verb").values()
-        if (v := common_lemma(words[0], 2, lexfile, counts, min_count)) and " " not in v
-    ]
-    adj_db = parse_wordnet(wordnet_dir / "data.adj")
-    antonyms = []
-    for lexfile, words, pointers in adj_db.values():
-        adj = common_lemma(words[0], 3, lexfile, counts, min_count)
-        for p, target in pointers:
-            if adj and p == "!" and target in adj_db:
-                antonyms.append((adj, re.sub(r"\(.*\)$", "", adj_db[target][1][0].split(":")[0])))
-    return Lexicon(nouns, siblings, verbs, antonyms, places, people)
-
-
-NOUN_TEMPLATES = (
-    "What is {a_n}?",
-    "What does the word {n} mean?",
-    "Can you explain what {a_n} is?",
-    "How would you describe {a_n} to a child?",
-    "Is {a_n} a kind of {h}?",
-    "Please give me a short definition of {n}.",
-    "Use the word {n} in a sentence, please.",
-    "What is the difference between {a_n} and {a_s}?",
-    "Which is bigger, {a_n} or {a_s}?",
-    "Tell me something interesting about the word {n}.",
-    "Why is {a_n} called {a_n}?",
-)
-LEXFILE_TEMPLATES = {
-    5: (
-        "Where does {a_n} live?",
-        "What does {a_n} eat?",
-        "Is {a_n} dangerous to people?",
-        "How long does {a_n} usually live?",
-        "Can you keep {a_n} as a pet?",
-    ),
-    6: (
-        "What is {a_n} used for?",
-        "Where can I buy {a_n}?",
-        "How do you use {a_n}?",
-        "Who invented the {n}?",
-        "How much does {a_n} usually cost?",
-        "Help me choose {a_n}.",
-    ),
-    13: (
-        "Is {n} good for you?",
-        "How do you cook {n}?",
-        "What does {n} taste like?",
-        "Give me a simple recipe with {n}.",
-        "How should I store {n}?",
-    ),
-    20: ("How do I grow {a_n}?", "Does {a_n} need a lot of water?", "Is {a_n} poisonous?"),
-}
-VERB_TEMPLATES = (
-    "What does it mean to {v}?",
-    "Can you teach me how to {v}?",
-    "Explain what it means to {v}.",
-    "Give me an example sentence with the verb {v}.",
-    "Is it hard to learn to {v}?",
-    "Why do people {v}?",
-    "How would you explain the verb {v} to a beginner?",
-)
-ADJ_TEMPLATES = (
-    "What is the opposite of {j}?",
-    "Is {k} the opposite of {j}?",
-    "Describe something that is {j}.",
-    "Give me another word for {j}.",
-    "What makes something {j} rather than {k}?",
-)
-PLACE_TEMPLATES = (
-    "Where is {p}?",
-    "What is {p} known for?",
-    "Tell me about the history of {p}.",
-    "What is the weather usually like in {p}?",
-    "How do I get to {p}?",
-    "What should I see if I visit {p}?",
-    "Is {p} a good place to live?",
-)
-PERSON_TEMPLATES = (
-    "Who was {p}?",
-    "What is {p} famous for?",
-    "Tell me about {p}.",
-    "When did {p} live?",
-    "Why is {p} remembered today?",
-)
-
-
-def with_article(noun: str) -> str:
-    """'a noun' or 'an noun' by the first letter, with the common exceptions."""
-    vowel = noun[0] in "aeiou" and not noun.startswith(("uni", "use", "eu", "one", "uto"))
-    return ("an " if vowel or noun.startswith(("hour", "honest", "heir")) else "a ") + noun
-
-
-def fill_template(lexicon: Lexicon, rng: random.Random) -> str:
-    """One question or request: a kind of template drawn by weight, slots from the lexicon."""
-    kind = rng.choices(["noun", "lexfile", "verb", "adj", "place", "person"], [4, 3, 2, 1, 2, 1])[0]
-    if kind in ("noun", "lexfile"):
-        noun, hyper, lexfile = rng.choice(lexicon.nouns)
-        templates = LEXFILE_TEMPLATES.get(lexfile, NOUN_TEMPLATES) if kind == "lexfile" else None
-        sibling = rng.choice([s for s in lexicon.siblings[hyper] if s != noun] or [hyper])
-        return rng.choice(templates or NOUN_TEMPLATES).format(
-            n=noun, a_n=with_article(noun), h=hyper, a_s=with_article(sibling)
-        )
-    if kind == "verb":
-        return rng.choice(VERB_TEMPLATES).format(v=rng.choice(lexicon.verbs))
-    if kind == "adj":
-        adj, antonym = rng.choice(lexicon.antonyms)
-        return rng.choice(ADJ_TEMPLATES).format(j=adj, k=antonym)
-    names, templates = (
-        (lexicon.places, PLACE_TEMPLATES) if kind == "place" else (lexicon.people, PERSON_TEMPLATES)
-    )
-    return rng.choice(templates).format(p=rng.choice(names))
-
-
-def generate_template_sentences(lexicon: Lexicon, count: int, rng: random.Random) -> Iterator[str]:
-    """Up to `count` distinct template questions and requests (gives up after 20x the tries)."""
-    seen: set[str] = set()
-    for _ in range(20 * count):
-        if len(seen) >= count:
-            return
-        text = fill_template(lexicon, rng)
-        text = text[0].upper() + text[1:]
-        if text not in seen:
-            seen.add(text)
-            yield text
-
-
-LLM_PROMPTS = (  # SmolLM2-135M keeps to these; open-ended ones make it chat about itself
-    "Write a question about {topic}. Reply with the question only.",
-    "Write a question a child might ask about {topic}. Reply with the question only.",
-    "Write a how-to question about {topic}. Reply with the question only.",
-    "Write a question asking for advice about {topic}. Reply with the question only.",
-    "Write a question about the history of {topic}. Reply with the question only.",
-)
-LLM_META_WORDS = ("question", "request", "assist", "chatbot", "help you")
-
-
-def sample_llm_batch(llm: Any, prompts: list[str], config: CorpusConfig, seed: int) -> list[str]:
-    """The LLM's replies to a batch of user prompts (chat template, left padding, seeded)."""
-    import torch
-
-    tok = llm.tokenizer
-    side, tok.padding_side = tok.padding_side, "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    chats = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = enc.to(llm.model.device)
-    torch.manual_seed(seed)
-    sample = config.llm_temperature > 0
-    with torch.no_grad():
-        out = llm.model.generate(  # [B, T_prompt + T_new]
-            **enc,
-            do_sample=sample,
-            temperature=config.llm_temperature if sample else None,
-            top_p=0.95 if sample else None,
-            max_new_tokens=config.llm_max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-        )
-    tok.padding_side = side
-    return tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-
-
-def pick_llm_sentence(reply: str, topic: str) -> str:
-    """The question in a reply (quoted, else the first one), or '' if it misses the topic."""
-    quoted = re.findall(r'"([^"]+\?)"?', reply)
-    pieces = split_sentences(quoted[0] if quoted else reply.replace("\n", " "))
-    text = next((p.strip("\"' *") for p in pieces if p.endswith("?")), "")
-    lower = text.lower()
-    if topic.split()[0].lower() not in lower or any(w in lower for w in LLM_META_WORDS):
-        return ""
-    return text
-
-
-def read_llm_cache(cache: Path) -> list[str]:
-    """Sentences cached by an earlier run; a line cut short by a kill is dropped from the file."""
-    rows = []
-    if cache.exists():
-        for line in cache.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        cache.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return [row["text"] for row in rows]
-
-
-def generate_llm_sentences(llm: Any, config: CorpusConfig, cache: Path) -> Iterator[str]:
-    """`config.llm_questions` LLM replies to topic prompts, each cut to one question.
-
-    Replies are appended to `cache` (JSON Lines) as they come, so a rerun resumes; the
-    sentences still pass the corpus filters afterwards, so fewer may be kept.
-    """
-    done = read_llm_cache(cache)
-    yield from done
-    if len(done) >= config.llm_questions:
-        return
-    if llm is None:
-        from model.llm import load_llm
-
-        llm = load_llm(config.llm)
-    topics = [n for n, _, _ in load_lexicon(Path(config.wordnet_dir)).nouns]
-    rng = random.Random(f"llm:{config.seed}:{len(done)}")
-    bar = tqdm(total=config.llm_questions, initial=len(done), desc="corpus llm", unit=" q")
-    with open(cache, "a", encoding="utf-8") as f:
-        for start in range(len(done), config.llm_questions, config.llm_batch_size):
-            size = min(config.llm_batch_size, config.llm_questions - start)
-            chosen = [rng.choice(topics) for _ in range(size)]
-            prompts = [rng.choice(LLM_PROMPTS).format(topic=topic) for topic in chosen]
-            replies = sample_llm_batch(llm, prompts, config, config.seed + start)
-            for prompt, topic, reply in zip(prompts, chosen, replies, strict=True):
-                text = pick_llm_sentence(reply, topic)
-                f.write(json.dumps({"prompt": prompt, "text": text}) + "\n")
-                yield text
-            f.flush()
-            bar.update(size)
-    bar.close()
 
 
 def read_source(name: str, config: CorpusConfig) -> Iterator[str]:
@@ -661,6 +334,9 @@ def build_corpus(
             return CorpusReport(**saved)
     sources: dict[str, Iterable[str]] = {n: read_source(n, config) for n in config.sources}
     if config.llm_questions > 0:
+        # deferred: llm_questions imports split_sentences from this module
+        from training.llm_questions import generate_llm_sentences
+
         cache = out_path.with_name(out_path.name + ".llm.jsonl")
         sources["llm"] = generate_llm_sentences(llm, config, cache)
     sentences, rejected = collect_sentences(sources, config)

@@ -20,11 +20,13 @@ from tqdm import tqdm
 from model.asr import WhisperASR
 from model.audio import load_audio_file
 from model.checkpoint import load_encoder, resolve_encoder_path
+from model.decoding import SamplingParams
 from model.llm import load_llm
 from model.messages import Turn, audio_part_from_waveform
 from model.speech_llm import SpeechLLM
 from training.manifest import Utterance, read_manifest
 from training.plots import plot_bars
+from training.responses import COMPLETE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +70,25 @@ def prompts_for(utt: Utterance, transcript: str, wav) -> dict[str, list]:
     }
 
 
+def reference_answer(model: SpeechLLM, messages: list) -> tuple[str, bool]:
+    """The LLM's greedy answer, and whether it ended before the token cap."""
+    ids = list(model.respond_ids(messages, SamplingParams(max_new_tokens=MAX_ANSWER_TOKENS)))
+    text = model.llm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return text, len(ids) < MAX_ANSWER_TOKENS
+
+
 def score_utterance(model: SpeechLLM, asr: WhisperASR, utt: Utterance, tally: Tally) -> str:
     """Score one utterance under all three systems; returns the cascade transcript."""
     wav = load_audio_file(utt.audio)
     transcript = asr.transcribe(wav)
-    reference = utt.response or model.respond_text(
-        [{"role": "user", "content": utt.text}], max_new_tokens=MAX_ANSWER_TOKENS
-    )
+    if utt.response is not None:
+        reference, complete = utt.response, bool(utt.extra.get(COMPLETE_KEY, True))
+    else:
+        reference, complete = reference_answer(model, [{"role": "user", "content": utt.text}])
     prompts = prompts_for(utt, transcript, wav)
     row: dict = {"id": utt.id, "transcript": transcript, "ppl": {}}
     for system, messages in prompts.items():
-        scored = model.score(messages, reference)
+        scored = model.score(messages, reference, complete)
         tally.nll[system] -= float(scored.logprobs.sum())
         row["ppl"][system] = scored.perplexity
     tally.tokens += len(scored.token_ids)
@@ -110,14 +120,14 @@ def two_turn_perplexity(model: SpeechLLM, utts: list[Utterance]) -> dict[str, fl
             {"role": "assistant", "content": first_answer},
             {"role": "user", "content": second.text},
         ]
-        reference = model.respond_text(typed, max_new_tokens=MAX_ANSWER_TOKENS)
+        reference, complete = reference_answer(model, typed)
         variants = {
             "text, text": typed,
             "text, audio": [*typed[:2], Turn("user", (audio_part_from_waveform(b_wav),))],
             "audio, text": [Turn("user", (audio_part_from_waveform(a_wav),)), *typed[1:]],
         }
         for name, messages in variants.items():
-            scored = model.score(messages, reference)
+            scored = model.score(messages, reference, complete)
             nll[name] -= float(scored.logprobs.sum())
         tokens += len(scored.token_ids)
     return {k: math.exp(v / max(1, tokens)) for k, v in nll.items()}

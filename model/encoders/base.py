@@ -68,7 +68,7 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
 
 
 def build_encoder(config: EncoderConfig) -> AudioEncoder:
-    """A freshly initialised encoder of the configured kind (Whisper kinds load pretrained weights)."""
+    """A fresh encoder of the configured kind (whisper loads pretrained Whisper weights)."""
     if config.kind == "conformer":
         from model.encoders.conformer import ConformerEncoder
 

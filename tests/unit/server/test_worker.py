@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from model.decoding import SamplingParams
 from model.llm import LoadedLLM, load_llm
@@ -17,6 +17,7 @@ from model.prompt import render_prompt, text_only_ids
 from model.speech_llm import SpeechLLM
 from server.protocol import Finished, GenerateRequest, TextDelta, Usage
 from server.worker import Worker
+from tests.tiny import tiny_llama_config
 
 TOPICS = ["cats", "the sea", "a long journey to the mountains", "bread", "stars", "rain"]
 N_NEW = 12
@@ -25,22 +26,7 @@ N_NEW = 12
 def make_varied_llm(tokenizer, **overrides) -> LoadedLLM:
     """A random 2-layer Llama whose greedy answers vary (the default init repeats one token)."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        initializer_range=0.3,
-        **overrides,
-    )
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = LlamaForCausalLM(tiny_llama_config(tokenizer, **overrides)).eval().requires_grad_(False)
     return LoadedLLM(model=model, tokenizer=tokenizer, name="tiny-varied")
 
 

@@ -18,13 +18,12 @@ from training.corpus import (
     build_corpus,
     classify_sentence,
     clean_sentence,
-    generate_llm_sentences,
-    generate_template_sentences,
-    load_lexicon,
     read_sentences,
     sentence_key,
     split_sentences,
 )
+from training.lexicon import generate_template_sentences, load_lexicon
+from training.llm_questions import generate_llm_sentences
 
 WORDNET_NOUN = """\
   1 This software and database is being provided to you, the LICENSEE, by Princeton

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from training.importers import CorpusImportError, import_corpus, sentence_case
+from training.errors import CorpusImportError
+from training.importers import import_corpus, sentence_case
 from training.manifest import read_manifest
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from training.errors import ManifestFormatError
 from training.manifest import (
-    ManifestFormatError,
     Utterance,
     append_manifest,
     read_manifest,

@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from training.augment import augment_audio
 from training.config import AugmentConfig, SynthConfig
 from training.corpus import Sentence, write_sentences
+from training.engines import voice_available
 from training.manifest import read_manifest
 from training.synth import (
     RenderPlan,
-    augment_audio,
     is_valid_flac,
     plan_utterances,
     render_safely,
     render_utterance,
     synthesize_corpus,
-    voice_available,
 )
 
 ENGINE_VOICES = {
