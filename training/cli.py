@@ -156,3 +156,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.manifest.with_suffix("").with_name(args.manifest.stem + "-eval")
     evaluate(args.manifest, args.encoder, out, args.llm, args.split, args.limit, args.device)
     return 0
+
+
+def add_synth_qa_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("data/qa"))
+
+
+def run_synth_qa(args: argparse.Namespace) -> int:
+    from training.spoken_qa import synthesize_spoken_qa
+
+    print(synthesize_spoken_qa(args.out))
+    return 0

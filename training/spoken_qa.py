@@ -1,0 +1,87 @@
+"""A small spoken-QA set: short factual questions with accepted answers, synthesized on demand.
+
+Lines carry `"answer": "a|b"`, which `evaluate` turns into spoken-QA accuracy for the typed
+question, the audio end to end and the cascade. Spoken only by voices reserved for evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from training.engines import synthesize_festival, synthesize_flite
+from training.manifest import Utterance, write_manifest
+
+log = logging.getLogger(__name__)
+
+EVAL_VOICES = ("flite:slt", "festival:cmu_us_slt_arctic_hts")
+
+QA_PAIRS: tuple[tuple[str, str], ...] = (
+    ("What is the capital of France?", "paris"),
+    ("What is the capital of Japan?", "tokyo"),
+    ("What is the capital of Italy?", "rome"),
+    ("What is the capital of Germany?", "berlin"),
+    ("What is the capital of Spain?", "madrid"),
+    ("What is the capital of England?", "london"),
+    ("What is the capital of Russia?", "moscow"),
+    ("What is the capital of China?", "beijing"),
+    ("What is the capital of Egypt?", "cairo"),
+    ("What is the capital of Greece?", "athens"),
+    ("What colour is the sky on a clear day?", "blue"),
+    ("What colour is grass?", "green"),
+    ("What colour is a ripe banana?", "yellow"),
+    ("What colour is fresh snow?", "white"),
+    ("How many days are there in a week?", "seven|7"),
+    ("How many months are there in a year?", "twelve|12"),
+    ("How many hours are there in a day?", "twenty-four|twenty four|24"),
+    ("How many legs does a spider have?", "eight|8"),
+    ("How many continents are there on Earth?", "seven|7"),
+    ("How many sides does a triangle have?", "three|3"),
+    ("What planet do we live on?", "earth"),
+    ("Which planet is known as the red planet?", "mars"),
+    ("What is the largest planet in our solar system?", "jupiter"),
+    ("What star is closest to the Earth?", "sun"),
+    ("What do bees make?", "honey"),
+    ("What is the largest ocean on Earth?", "pacific"),
+    ("What is the largest mammal in the world?", "blue whale|whale"),
+    ("What is a baby cat called?", "kitten"),
+    ("What is a baby dog called?", "puppy"),
+    ("What gas do plants take in from the air?", "carbon dioxide|co2"),
+    ("What is frozen water called?", "ice"),
+    ("Who wrote Romeo and Juliet?", "shakespeare"),
+    ("Who painted the Mona Lisa?", "leonardo|da vinci"),
+    ("What language is spoken in Brazil?", "portuguese"),
+    ("What is the opposite of night?", "day"),
+    ("What is the opposite of up?", "down"),
+    ("What animal is known as the king of the jungle?", "lion"),
+    ("What is the tallest animal in the world?", "giraffe"),
+    ("What do you call a shape with four equal sides?", "square"),
+    ("What is the boiling point of water in Celsius?", "100|one hundred"),
+)
+
+
+def synthesize_spoken_qa(out_dir: str | Path, voices: tuple[str, ...] = EVAL_VOICES) -> Path:
+    """Render every question in every voice to `<out_dir>/qa/*.wav`; write `<out_dir>/qa.jsonl`."""
+    out_dir = Path(out_dir)
+    (out_dir / "qa").mkdir(parents=True, exist_ok=True)
+    engines = {"flite": synthesize_flite, "festival": synthesize_festival}
+    utterances = []
+    for voice in voices:
+        engine, name = voice.split(":", 1)
+        for i, (question, answer) in enumerate(tqdm(QA_PAIRS, desc=f"qa {voice}", unit="q")):
+            wav = out_dir / "qa" / f"qa{i:03d}-{engine}-{name}.wav"
+            if not wav.is_file():
+                engines[engine](question, name, wav)
+            utterances.append(
+                Utterance(
+                    id=wav.stem,
+                    audio=str(wav),
+                    text=question,
+                    voice=voice,
+                    split="eval",
+                    extra={"answer": answer},
+                )
+            )
+    return write_manifest(out_dir / "qa.jsonl", utterances)
