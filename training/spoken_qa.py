@@ -62,15 +62,19 @@ QA_PAIRS: tuple[tuple[str, str], ...] = (
 )
 
 
-def synthesize_spoken_qa(out_dir: str | Path, voices: tuple[str, ...] = EVAL_VOICES) -> Path:
-    """Render every question in every voice to `<out_dir>/qa/*.wav`; write `<out_dir>/qa.jsonl`."""
+def synthesize_spoken_qa(
+    out_dir: str | Path, voices: tuple[str, ...] = EVAL_VOICES, limit: int | None = None
+) -> Path:
+    """Render the questions (the first `limit`) in every voice to `<out_dir>/qa/*.wav`;
+    write `<out_dir>/qa.jsonl`."""
     out_dir = Path(out_dir)
     (out_dir / "qa").mkdir(parents=True, exist_ok=True)
     engines = {"flite": synthesize_flite, "festival": synthesize_festival}
     utterances = []
     for voice in voices:
         engine, name = voice.split(":", 1)
-        for i, (question, answer) in enumerate(tqdm(QA_PAIRS, desc=f"qa {voice}", unit="q")):
+        pairs = QA_PAIRS[:limit]
+        for i, (question, answer) in enumerate(tqdm(pairs, desc=f"qa {voice}", unit="q")):
             wav = out_dir / "qa" / f"qa{i:03d}-{engine}-{name}.wav"
             if not wav.is_file():
                 engines[engine](question, name, wav)

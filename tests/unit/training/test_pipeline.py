@@ -14,7 +14,7 @@ from training.config import AlignConfig, CTCConfig, SynthConfig
 from training.corpus import Sentence, write_sentences
 from training.ctc import pretrain_ctc
 from training.evaluate import evaluate
-from training.manifest import read_manifest
+from training.manifest import read_manifest, write_manifest
 from training.responses import respond_manifest
 from training.synth import synthesize_corpus
 
@@ -45,6 +45,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_llm_dir: Path) -> Path
     assert report.failed == 0
     for split in ("train", "dev"):
         respond_manifest(root / "out" / f"{split}.jsonl", llm=str(tiny_llm_dir), max_new_tokens=12)
+    dev = read_manifest(root / "out" / "dev.jsonl")
+    for utt in dev:  # spoken-QA lines: the accepted answers, `|`-separated
+        utt.extra["answer"] = "blue|sky"
+    write_manifest(root / "out" / "dev.jsonl", dev)
     return root / "out"
 
 
@@ -90,7 +94,7 @@ def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
         llm=str(tiny_llm_dir),
         split="dev",
     )
-    for key in ("ppl text", "ppl end-to-end", "ppl cascade", "cascade WER"):
+    for key in ("ppl text", "ppl end-to-end", "ppl cascade", "cascade WER", "QA acc text"):
         assert summary[key] >= 0 and summary[key] == summary[key]  # finite, not NaN
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "ppl end-to-end" in report and "Two-turn" in report
@@ -122,3 +126,15 @@ def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path
     )
     out = align(cfg, manifests, tmp_path / "aligned")
     assert (out / "encoder" / "encoder.safetensors").is_file()
+
+
+def test_spoken_qa_set_is_synthesized_with_eval_voices(tmp_path):
+    from training.engines import voice_available
+    from training.spoken_qa import synthesize_spoken_qa
+
+    if not voice_available("flite:slt"):
+        pytest.skip("flite's slt voice is not installed (make test installs it)")
+    manifest = synthesize_spoken_qa(tmp_path, voices=("flite:slt",), limit=3)
+    utts = read_manifest(manifest)
+    assert len(utts) == 3 and all(u.split == "eval" and u.voice == "flite:slt" for u in utts)
+    assert all(u.extra["answer"] and Path(u.audio).stat().st_size > 10_000 for u in utts)
