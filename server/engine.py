@@ -22,7 +22,8 @@ import torch
 from model.decoding import select_tokens
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM
-from server.engine_batch import Arena, SlotCache, make_decode_mask, make_prefill_mask
+from server.engine_batch import Arena, SlotCache, make_prefill_mask
+from server.engine_decode import lay_out_for_decode, make_decode_bias, use_gqa_attention
 from server.engine_request import EngineRequest, embed_from
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore, count_common_prefix
 from server.protocol import FinishReason
@@ -36,12 +37,21 @@ class Engine:
     """Owns the LLM's forward passes, the decode arena and the KV store."""
 
     def __init__(
-        self, llm: LoadedLLM, store: KVStore, *, max_batch: int, prefill_chunk: int
+        self,
+        llm: LoadedLLM,
+        store: KVStore,
+        *,
+        max_batch: int,
+        prefill_chunk: int,
+        num_threads: int | None = None,
     ) -> None:
         cfg = llm.model.config
         heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.llm, self.model, self.store = llm, llm.model, store
+        lay_out_for_decode(self.model)
+        use_gqa_attention(self.model)
+        self.num_threads = num_threads
         self.device = llm.device
         self.arena = Arena(
             store,
@@ -93,6 +103,8 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.num_threads:  # OpenMP's thread count is per calling thread
+            torch.set_num_threads(self.num_threads)
         with torch.inference_mode():
             while self._drain_commands():
                 self.step()
@@ -168,14 +180,14 @@ class Engine:
     def _find_prefix(self, req: EngineRequest) -> tuple[KVEntry | None, int]:
         """The cached KV sharing most leading positions with the prompt, and how many to reuse."""
         keys = req.plan.keys
-        if req.session_key is not None:
-            entry = self.store.get(req.session_key)
-            reuse = count_common_prefix(entry.keys, keys) if entry is not None else 0
-        else:
-            name, reuse = self.store.find_prefix(keys)
-            entry = self.store.get(name) if name is not None else None
-            if entry is not None and reuse == entry.length:
-                req.supersedes = name  # the reply's cache will hold all of it and more
+        entry = self.store.get(req.session_key) if req.session_key is not None else None
+        if entry is not None:
+            return entry, min(count_common_prefix(entry.keys, keys), len(keys) - 1)
+        # stateless requests and new sessions: a cached stateless conversation (system prompt…)
+        name, reuse = self.store.find_prefix(keys)
+        entry = self.store.get(name) if name is not None else None
+        if entry is not None and reuse == entry.length and req.session_key is None:
+            req.supersedes = name  # the reply's cache will hold all of it and more
         # at least one position is computed, for its logits
         return entry, min(reuse, len(keys) - 1)
 
@@ -279,7 +291,7 @@ class Engine:
         out = self.model(
             input_ids=ids,
             position_ids=self.cache.positions[:, None],
-            attention_mask=make_decode_mask(positions, self.device),
+            attention_mask=make_decode_bias(positions, self.llm.dtype, self.device),
             cache=self.cache,
             use_cache=True,
             logits_to_keep=1,

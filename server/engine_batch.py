@@ -59,6 +59,7 @@ class SlotCache(Cache):
         self.lo, self.hi = 0, 0  # rows [lo, hi) in this step
         self.positions: torch.Tensor | None = None  # [B] write column per row (decode)
         self.row_index: torch.Tensor | None = None  # [B] (decode)
+        self.single: int | None = None  # the write column when one row decodes
         self.start = 0  # first written column (prefill)
         self.kv_len = 0  # key columns returned to attention
 
@@ -67,6 +68,7 @@ class SlotCache(Cache):
         self.lo, self.hi, self.start = lo, hi, -1
         self.positions = torch.tensor(positions, device=device)  # [B]
         self.row_index = torch.arange(lo, hi, device=device)  # [B]
+        self.single = positions[0] if len(positions) == 1 else None
         self.kv_len = max(positions) + 1
 
     def set_prefill(self, row: int, start: int, q_len: int) -> None:
@@ -78,7 +80,10 @@ class SlotCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """keys/values [B, H, Q, Dh] -> the rows' whole caches [B, H, K, Dh] (views)."""
         buf = self.arena.data[layer]  # [2, R, H, C, Dh]
-        if self.start < 0:
+        if self.start < 0 and self.single is not None:  # one row: a plain copy, no index_put
+            buf[0, self.lo, :, self.single] = keys[0, :, 0]  # [H, Dh]
+            buf[1, self.lo, :, self.single] = values[0, :, 0]  # [H, Dh]
+        elif self.start < 0:
             buf[0, self.row_index, :, self.positions] = keys[:, :, 0]  # [B, H, Dh]
             buf[1, self.row_index, :, self.positions] = values[:, :, 0]  # [B, H, Dh]
         else:
@@ -87,13 +92,6 @@ class SlotCache(Cache):
             buf[1, self.lo, :, self.start : end] = values[0]  # [H, Q, Dh]
         rows = slice(self.lo, self.hi)
         return buf[0, rows, :, : self.kv_len], buf[1, rows, :, : self.kv_len]  # [B, H, K, Dh]
-
-
-def make_decode_mask(positions: list[int], device: torch.device) -> torch.Tensor:
-    """Each row attends to its columns 0..position (inclusive) -> [B, 1, 1, K] bool."""
-    pos = torch.tensor(positions, device=device)  # [B]
-    cols = torch.arange(max(positions) + 1, device=device)  # [K]
-    return (cols[None] <= pos[:, None])[:, None, None]  # [B, 1, 1, K]
 
 
 def make_prefill_mask(start: int, q_len: int, device: torch.device) -> torch.Tensor:

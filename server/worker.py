@@ -65,7 +65,11 @@ class Worker:
         self.speech_llm = speech_llm
         self.store = KVStore(kv_budget_bytes)
         self.engine = Engine(
-            speech_llm.llm, self.store, max_batch=max_batch, prefill_chunk=prefill_chunk
+            speech_llm.llm,
+            self.store,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            num_threads=num_threads,
         )
         self.max_sessions = max_sessions
         self.stream_window_s = stream_window_s
