@@ -148,13 +148,23 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="only lines of this split (default: all)")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--two-turn", type=int, default=16, help="two-turn conversations per case")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate
 
     out = args.out or args.manifest.with_suffix("").with_name(args.manifest.stem + "-eval")
-    evaluate(args.manifest, args.encoder, out, args.llm, args.split, args.limit, args.device)
+    evaluate(
+        args.manifest,
+        args.encoder,
+        out,
+        args.llm,
+        args.split,
+        args.limit,
+        args.device,
+        args.two_turn,
+    )
     return 0
 
 

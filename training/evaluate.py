@@ -108,12 +108,14 @@ def score_utterance(model: SpeechLLM, asr: WhisperASR, utt: Utterance, tally: Ta
     return transcript
 
 
-def two_turn_perplexity(model: SpeechLLM, utts: list[Utterance]) -> dict[str, float]:
+def two_turn_perplexity(
+    model: SpeechLLM, utts: list[Utterance], pairs: int = TWO_TURN_PAIRS
+) -> dict[str, float]:
     """Typed-then-spoken and spoken-then-typed conversations vs all-typed, as perplexities."""
     nll = {"text, text": 0.0, "text, audio": 0.0, "audio, text": 0.0}
     tokens = 0
-    pairs = list(zip(utts[0::2], utts[1::2], strict=False))[:TWO_TURN_PAIRS]
-    for first, second in tqdm(pairs, desc="two-turn", unit="conv"):
+    conversations = list(zip(utts[0::2], utts[1::2], strict=False))[:pairs]
+    for first, second in tqdm(conversations, desc="two-turn", unit="conv"):
         a_wav, b_wav = load_audio_file(first.audio), load_audio_file(second.audio)
         first_answer = first.response or ""
         typed = [
@@ -142,6 +144,7 @@ def evaluate(
     split: str | None = "dev",
     limit: int | None = None,
     device: str = "cpu",
+    two_turn_pairs: int = TWO_TURN_PAIRS,
 ) -> dict[str, float]:
     """Score `manifest` (one split), write `report.md` and plots into `out`, return the summary."""
     out = Path(out)
@@ -165,7 +168,7 @@ def evaluate(
         for s in SYSTEMS:
             summary[f"QA acc {s}"] = tally.qa_hits[s] / tally.qa_total
         summary["QA e2e on text-right"] = tally.qa_e2e_on_text_right / max(1, tally.qa_text_right)
-    two_turn = two_turn_perplexity(model, utts) if len(utts) >= 2 else {}
+    two_turn = two_turn_perplexity(model, utts, two_turn_pairs) if len(utts) >= 2 else {}
     write_report(out, manifest, encoder, split, len(utts), summary, two_turn, tally, training)
     print_summary(summary, two_turn)
     return summary | {f"two-turn ppl {k}": v for k, v in two_turn.items()}
