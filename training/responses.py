@@ -38,13 +38,13 @@ def prompt_ids(llm: LoadedLLM, text: str, system_prompt: str | None) -> list[int
     return ids
 
 
-@torch.inference_mode()
 @dataclass(frozen=True)
 class Answer:
     text: str
     complete: bool  # the LLM ended its turn (False: cut at the token cap)
 
 
+@torch.inference_mode()
 def generate_batch(
     llm: LoadedLLM, prompts: Sequence[list[int]], max_new_tokens: int
 ) -> list[Answer]:
