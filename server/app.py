@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.checkpoint import DEFAULT_SPEC as DEFAULT_ENCODER
 from model.checkpoint import load_encoder_spec
-from model.errors import CheckpointFormatError
+from model.errors import CheckpointFormatError, CheckpointMismatchError
 from model.llm import load_llm
 from model.speech_llm import SpeechLLM
 from server.completions import ServedModel
@@ -40,14 +40,15 @@ API_VERSION = "0.1.0"
 
 
 def build_speech_llm(settings: Settings) -> SpeechLLM:
-    """Load the LLM and encoder the settings name; a missing default encoder means text only."""
+    """Load the LLM and encoder the settings name; a default encoder that is missing or was
+    aligned to another LLM means text only (an explicitly named one must load)."""
     llm = load_llm(settings.llm, device=settings.device, dtype=settings.dtype)
     if settings.encoder is None:
         log.info("no encoder configured: serving text only")
         return SpeechLLM(llm)
     try:
         encoder, prompt = load_encoder_spec(settings.encoder, llm)
-    except CheckpointFormatError as error:
+    except (CheckpointFormatError, CheckpointMismatchError) as error:
         if settings.encoder != DEFAULT_ENCODER:
             raise
         log.warning("%s; serving text only (audio requests get a 422)", error)

@@ -86,13 +86,17 @@ def test_cli_rejects_bad_values():
         settings_from_args(parser.parse_args(["--port", "99999"]))
 
 
-def test_missing_default_encoder_serves_text_only(tiny_llm_dir, caplog, tmp_path):
-    from model.checkpoint import SHIPPED_DIR
+@pytest.mark.parametrize("shipped", [True, False])
+def test_unusable_default_encoder_serves_text_only(
+    tiny_llm_dir, caplog, tmp_path, monkeypatch, shipped
+):
+    """The default encoder fits only the default LLM; missing or mismatched, serve text."""
+    import model.checkpoint
     from model.errors import CheckpointFormatError
     from server.app import build_speech_llm
 
-    if (SHIPPED_DIR / "config.json").is_file():
-        pytest.skip("this build ships a default encoder")
+    if not shipped:
+        monkeypatch.setattr(model.checkpoint, "SHIPPED_DIR", tmp_path / "none")
     with caplog.at_level("WARNING", logger="server.app"):
         speech_llm = build_speech_llm(Settings(llm=str(tiny_llm_dir), encoder="default"))
     assert speech_llm.encoder is None
