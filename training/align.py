@@ -83,11 +83,11 @@ def alignment_loss(
     return ce + cfg.kl_weight * kl, stats
 
 
-def build_or_resume_encoder(cfg: AlignConfig, llm: LoadedLLM, out: Path) -> torch.nn.Module:
-    """A fresh encoder from the recipe, or the one in `cfg.init` (e.g. CTC-pretrained)."""
+def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
+    """A fresh encoder from the recipe, or the one in `cfg.init` (e.g. CTC-pretrained); either
+    way the encoder's own policy decides what trains (a Whisper encoder keeps its frozen part)."""
     if cfg.init:
         encoder, _, _ = load_encoder(cfg.init, llm.identity, device="cpu")
-        encoder.requires_grad_(True)
         return encoder
     enc_cfg = encoder_preset(
         cfg.encoder_preset,
@@ -177,7 +177,7 @@ def align(
     dev = AlignDataset(
         [u for u in utts if u.split == "dev"], llm, cfg.max_response_tokens, cfg.max_audio_seconds
     )
-    encoder = build_or_resume_encoder(cfg, llm, out).to(llm.device).train()
+    encoder = build_encoder_for(cfg, llm).to(llm.device).train()
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
     params = [p for p in encoder.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -138,3 +138,20 @@ def test_spoken_qa_set_is_synthesized_with_eval_voices(tmp_path):
     utts = read_manifest(manifest)
     assert len(utts) == 3 and all(u.split == "eval" and u.voice == "flite:slt" for u in utts)
     assert all(u.extra["answer"] and Path(u.audio).stat().st_size > 10_000 for u in utts)
+
+
+def test_init_from_a_whisper_checkpoint_keeps_whisper_frozen(tiny_llm, tiny_llm_dir, tmp_path):
+    from model.checkpoint import save_encoder
+    from model.config import EncoderConfig
+    from model.encoders import build_encoder
+    from training.align import build_encoder_for
+
+    cfg = EncoderConfig(kind="whisper", whisper_source="tiny-random", llm_hidden=64)
+    fresh = build_encoder(cfg)
+    save_encoder(tmp_path / "enc", fresh, tiny_llm.identity)
+    encoder = build_encoder_for(
+        AlignConfig(llm=str(tiny_llm_dir), init=str(tmp_path / "enc")), tiny_llm
+    )
+    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in fresh.named_parameters() if p.requires_grad}
+    assert trainable and len(trainable) < len(list(encoder.parameters()))
