@@ -80,3 +80,44 @@ def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
     """Index where the earliest stop string begins in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
     return min(hits) if hits else None
+
+
+class StopStreamer:
+    """Text deltas of a growing reply, cut at its first stop string; a tail that could still
+    grow into a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: tuple[str, ...]) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stops = stops
+        self.hold = max((len(s) - 1 for s in stops), default=0)
+        self.sent = 0  # characters of decoded text already handed out
+        self.stopped = False  # a stop string ended the reply
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text now safe to emit (may be empty)."""
+        self.decoder.push(token_id)
+        text = self.decoder.emitted
+        cut = find_stop(text, self.stops)
+        if cut is not None:
+            delta, self.sent, self.stopped = text[self.sent : cut], len(text), True
+            return delta
+        end = len(text) - self.hold
+        if end <= self.sent:
+            return ""
+        delta, self.sent = text[self.sent : end], end
+        return delta
+
+    def flush(self) -> str:
+        """The held-back rest once the reply ends (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        delta = self.decoder.text[self.sent :]
+        self.sent += len(delta)
+        return delta
+
+    @property
+    def text(self) -> str:
+        """The whole reply so far, without the stop string and what follows it."""
+        text = self.decoder.text
+        cut = find_stop(text, self.stops)
+        return text if cut is None else text[:cut]

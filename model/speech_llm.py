@@ -15,7 +15,7 @@ from transformers import DynamicCache
 
 from model.checkpoint import load_encoder_spec
 from model.config import PromptConfig
-from model.decoding import IncrementalDecoder, SamplingParams, find_stop, select_tokens
+from model.decoding import SamplingParams, StopStreamer, select_tokens
 from model.encoders.base import AudioEncoder
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM, load_llm
@@ -123,22 +123,15 @@ class SpeechLLM:
     ) -> Iterator[str]:
         """Stream the answer as text deltas; greedy at temperature 0."""
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple(stop))
-        decoder = IncrementalDecoder(self.llm.tokenizer)
-        sent = 0
+        streamer = StopStreamer(self.llm.tokenizer, params.stop)
         for token in self.respond_ids(messages, params):
-            decoder.push(token)
-            text = decoder.emitted
-            cut = find_stop(text, params.stop)
-            if cut is not None:
-                yield text[sent:cut]
+            delta = streamer.push(token)
+            if delta:
+                yield delta
+            if streamer.stopped:
                 return
-            # hold back a tail that could still grow into a stop string
-            hold = max((len(s) - 1 for s in params.stop), default=0)
-            if len(text) - hold > sent:
-                yield text[sent : len(text) - hold]
-                sent = len(text) - hold
-        if decoder.text[sent:]:
-            yield decoder.text[sent:]
+        if rest := streamer.flush():
+            yield rest
 
     def respond_text(self, messages: Sequence[Any], **kwargs: Any) -> str:
         """The whole answer at once."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from model.decoding import IncrementalDecoder, SamplingParams, find_stop
+from model.decoding import SamplingParams, StopStreamer
 from model.errors import MessageFormatError, SpeechChatModelError
 from model.messages import Turn
 from model.prompt import AudioSpan, Segment, render_prompt
@@ -102,12 +102,10 @@ class EngineRequest:
     next_token: int = -1  # sampled, not yet fed
     completion_tokens: int = 0
     finished: bool = False
-    decoder: IncrementalDecoder = field(init=False)
-    sent: int = 0  # characters of decoded text already emitted
-    stopped: bool = False  # a stop string ended the reply
+    streamer: StopStreamer = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decoder = IncrementalDecoder(self.tokenizer)
+        self.streamer = StopStreamer(self.tokenizer, self.params.stop)
 
     @property
     def prompt_tokens(self) -> int:
@@ -119,9 +117,7 @@ class EngineRequest:
 
     @property
     def reply_text(self) -> str:
-        text = self.decoder.text
-        cut = find_stop(text, self.params.stop)
-        return text if cut is None else text[:cut]
+        return self.streamer.text
 
     def accept_token(self, token: int) -> FinishReason | None:
         """A sampled token: emit the text it completes; say why the reply ends, if it does."""
@@ -129,17 +125,9 @@ class EngineRequest:
             return "stop"
         self.completion_tokens += 1
         self.next_token = token
-        self.decoder.push(token)
-        text = self.decoder.emitted
-        cut = find_stop(text, self.params.stop)
-        if cut is not None:
-            self._send(text[self.sent : cut])
-            self.sent, self.stopped = len(text), True
+        self._send(self.streamer.push(token))
+        if self.streamer.stopped:
             return "stop"
-        hold = max((len(s) - 1 for s in self.params.stop), default=0)
-        if len(text) - hold > self.sent:  # a tail that could still grow into a stop string
-            self._send(text[self.sent : len(text) - hold])
-            self.sent = len(text) - hold
         if self.completion_tokens >= self.params.max_new_tokens:
             return "length"
         return None
@@ -153,8 +141,7 @@ class EngineRequest:
         if self.finished:
             return
         self.finished = True
-        if not self.stopped:
-            self._send(self.decoder.text[self.sent :])
+        self._send(self.streamer.flush())
         if self.on_done is not None:
             self.on_done(self.reply_text, reason)
         usage = Usage(
