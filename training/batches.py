@@ -99,12 +99,18 @@ class AlignDataset(Dataset):
         return Example(utt.id, wav, utt.text, self.targets[index])
 
 
+def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mono waveforms [T_i] -> zero-padded batch [B, T_wav] and lengths [B] in samples."""
+    lengths = torch.tensor([w.shape[0] for w in waveforms])  # [B]
+    wavs = torch.zeros(len(waveforms), int(lengths.max()))  # [B, T_wav]
+    for row, w in enumerate(waveforms):
+        wavs[row, : w.shape[0]] = w
+    return wavs, lengths
+
+
 def collate_examples(examples: list[Example]) -> dict:
     """Pad waveforms [B, T_wav]; keep texts and target ids as lists."""
-    lengths = torch.tensor([e.waveform.shape[0] for e in examples])  # [B]
-    wavs = torch.zeros(len(examples), int(lengths.max()))  # [B, T_wav]
-    for row, e in enumerate(examples):
-        wavs[row, : e.waveform.shape[0]] = e.waveform
+    wavs, lengths = pad_waveforms([e.waveform for e in examples])  # [B, T_wav], [B]
     return {
         "ids": [e.id for e in examples],
         "waveforms": wavs,

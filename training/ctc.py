@@ -25,6 +25,7 @@ from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import load_llm
 from training.align import out_of_time
+from training.batches import pad_waveforms
 from training.config import CTCConfig
 from training.manifest import Utterance, read_manifest
 from training.plots import plot_curves
@@ -67,10 +68,7 @@ class CTCDataset(Dataset):
 
 
 def collate_ctc(items: list[tuple[torch.Tensor, list[int], str]]) -> dict:
-    lengths = torch.tensor([w.shape[0] for w, _, _ in items])  # [B]
-    wavs = torch.zeros(len(items), int(lengths.max()))  # [B, T_wav]
-    for row, (w, _, _) in enumerate(items):
-        wavs[row, : w.shape[0]] = w
+    wavs, lengths = pad_waveforms([w for w, _, _ in items])  # [B, T_wav], [B]
     targets = torch.tensor([c for _, chars, _ in items for c in chars])  # [sum U]
     target_lengths = torch.tensor([len(chars) for _, chars, _ in items])  # [B]
     return {
