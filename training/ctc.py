@@ -24,7 +24,7 @@ from model.checkpoint import save_encoder
 from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import load_llm
-from training.align import out_of_time
+from training.align import autocast_for, out_of_time
 from training.batches import pad_waveforms
 from training.config import CTCConfig
 from training.manifest import Utterance, read_manifest
@@ -142,12 +142,9 @@ def pretrain_ctc(
     optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     step, bar, started = 0, tqdm(total=cfg.steps, desc="pretrain-ctc"), time.perf_counter()
-    autocast = torch.autocast(
-        "cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda"
-    )
     while step < cfg.steps:
         for batch in train:
-            with autocast:
+            with autocast_for(torch.device(device)):
                 loss = ctc_step_loss(encoder, batch, torch.device(device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
