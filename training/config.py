@@ -169,16 +169,26 @@ def coerce_value(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file, or the name of one in `training/recipes/` without `.yaml`."""
+    path = Path(path)
+    if not path.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
+        return RECIPES_DIR / f"{path}.yaml"
+    return path
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """The `corpus` and `synth` sections of a recipe file (missing sections take defaults).
 
     `path` is a file, or the name of one in `training/recipes/` without `.yaml`. Other
     sections (later pipeline steps) are left for their own loaders.
     """
-    path = Path(path)
-    if not path.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
-        path = RECIPES_DIR / f"{path}.yaml"
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    path = resolve_recipe(path)
+    data = read_recipe(path)
     hints = typing.get_type_hints(Recipe)
     sections = {
         name: build_config(hints[name], data[name], f"{path}:{name}")
@@ -250,9 +260,7 @@ def load_step_config(cls: type, section: str, path: str | Path | None, **overrid
     """One step's section of a recipe (defaults when absent), with non-None overrides applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.exists() and (RECIPES_DIR / f"{path}.yaml").exists():
-            path = RECIPES_DIR / f"{path}.yaml"
-        data = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(section, {})
+        path = resolve_recipe(path)
+        data = read_recipe(path).get(section, {})
     data = {**data, **{k: v for k, v in overrides.items() if v is not None}}
     return build_config(cls, data, f"{path}:{section}")
