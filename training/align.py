@@ -38,6 +38,7 @@ from training.batches import (
     text_turns,
 )
 from training.config import AlignConfig
+from training.frame_cache import FrameCache
 from training.manifest import read_manifest
 from training.plots import plot_curves
 
@@ -56,7 +57,11 @@ def alignment_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE (+ KL to the text-prompted teacher) on one collated batch."""
     device = llm.device
-    emb, emb_len = encoder(batch["waveforms"].to(device), batch["lengths"].to(device))  # [B, T, D]
+    emb, emb_len = encoder(
+        batch["waveforms"].to(device),
+        batch["lengths"].to(device),
+        **({"precomputed": True} if batch.get("precomputed") else {}),
+    )  # [B, T, D]
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
     packed = pack_rows(llm, turns, frame, batch["responses"])
     logits = response_logits(llm, packed)  # [N, V]
@@ -96,6 +101,17 @@ def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
         **cfg.encoder_overrides,
     )
     return build_encoder(enc_cfg)
+
+
+def cached_frames(cfg: AlignConfig, encoder, utts: list, rank: int) -> FrameCache:
+    """The encoder's frozen-front frames of every utterance, computed by rank 0 where missing."""
+    cache = FrameCache(cfg.frame_cache, encoder, cfg.max_audio_seconds)
+    if rank == 0:
+        cache.fill(encoder, utts, next(encoder.parameters()).device)
+        encoder.train()
+    if dist.is_initialized():
+        dist.barrier()
+    return cache
 
 
 def lr_at(step: int, cfg: AlignConfig) -> float:
@@ -168,16 +184,14 @@ def align(
     llm = load_llm(cfg.llm, device=device)
     frame = PromptFrame.build(llm, cfg.system_prompt)
     utts = [u for m in manifests for u in read_manifest(m)]
-    train = AlignDataset(
-        [u for u in utts if u.split in (None, "train")],
-        llm,
-        cfg.max_response_tokens,
-        cfg.max_audio_seconds,
-    )
-    dev = AlignDataset(
-        [u for u in utts if u.split == "dev"], llm, cfg.max_response_tokens, cfg.max_audio_seconds
-    )
+    train_utts = [u for u in utts if u.split in (None, "train")]
+    dev_utts = [u for u in utts if u.split == "dev"]
     encoder = build_encoder_for(cfg, llm).to(llm.device).train()
+    frames = cached_frames(cfg, encoder, train_utts + dev_utts, rank) if cfg.frame_cache else None
+    train = AlignDataset(
+        train_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames
+    )
+    dev = AlignDataset(dev_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames)
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
     params = [p for p in encoder.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
@@ -20,6 +21,9 @@ from model.llm import LoadedLLM
 from model.messages import AudioPart, TextPart, Turn
 from model.prompt import AudioSpan, render_prompt, response_ids, tokenize, with_system_prompt
 from training.manifest import Utterance
+
+if TYPE_CHECKING:
+    from training.frame_cache import FrameCache
 from training.responses import COMPLETE_KEY
 
 PLACEHOLDER_SECONDS = 0.0  # s, the frame is rendered around an empty audio span
@@ -60,7 +64,7 @@ class PromptFrame:
 @dataclass
 class Example:
     id: str
-    waveform: torch.Tensor  # [T_wav]
+    audio: torch.Tensor  # waveform [T_wav], or cached front frames [T_f, D_f]
     text: str
     response: list[int]  # target ids, end-of-turn included unless truncated
 
@@ -72,7 +76,8 @@ def response_target(llm: LoadedLLM, utt: Utterance) -> list[int]:
 
 
 class AlignDataset(Dataset):
-    """Manifest lines with responses -> examples (audio decoded here, in loader workers)."""
+    """Manifest lines with responses -> examples (audio decoded here, in loader workers; or the
+    encoder's cached front frames read instead when `frames` is given)."""
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class AlignDataset(Dataset):
         llm: LoadedLLM,
         max_response_tokens: int,
         max_audio_seconds: float,
+        frames: FrameCache | None = None,
     ) -> None:
         missing = [u.id for u in utterances if u.response is None]
         if missing:
@@ -88,6 +94,7 @@ class AlignDataset(Dataset):
             )
         self.utterances = list(utterances)
         self.max_seconds = max_audio_seconds
+        self.frames = frames
         self.targets = [response_target(llm, u)[:max_response_tokens] for u in self.utterances]
 
     def __len__(self) -> int:
@@ -95,25 +102,31 @@ class AlignDataset(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         utt = self.utterances[index]
-        wav = load_audio_file(utt.audio, max_seconds=self.max_seconds)  # [T_wav]
-        return Example(utt.id, wav, utt.text, self.targets[index])
+        if self.frames is not None:
+            audio = self.frames.load(utt)  # [T_f, D_f]
+        else:
+            audio = load_audio_file(utt.audio, max_seconds=self.max_seconds)  # [T_wav]
+        return Example(utt.id, audio, utt.text, self.targets[index])
 
 
 def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mono waveforms [T_i] -> zero-padded batch [B, T_wav] and lengths [B] in samples."""
+    """Mono waveforms [T_i] (or frames [T_i, D]) -> zero-padded batch [B, T_wav] ([B, T, D]) and
+    lengths [B] in samples (frames)."""
     lengths = torch.tensor([w.shape[0] for w in waveforms])  # [B]
-    wavs = torch.zeros(len(waveforms), int(lengths.max()))  # [B, T_wav]
+    wavs = waveforms[0].new_zeros(len(waveforms), int(lengths.max()), *waveforms[0].shape[1:])
     for row, w in enumerate(waveforms):
         wavs[row, : w.shape[0]] = w
     return wavs, lengths
 
 
 def collate_examples(examples: list[Example]) -> dict:
-    """Pad waveforms [B, T_wav]; keep texts and target ids as lists."""
-    wavs, lengths = pad_waveforms([e.waveform for e in examples])  # [B, T_wav], [B]
+    """Pad waveforms [B, T_wav] (or cached frames [B, T_f, D_f]: `precomputed`); keep texts and
+    target ids as lists."""
+    wavs, lengths = pad_waveforms([e.audio for e in examples])  # [B, T_wav], [B]
     return {
         "ids": [e.id for e in examples],
         "waveforms": wavs,
+        "precomputed": wavs.ndim == 3,
         "lengths": lengths,
         "texts": [e.text for e in examples],
         "responses": [e.response for e in examples],

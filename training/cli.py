@@ -91,6 +91,11 @@ def _add_training_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
     p.add_argument("--workers", type=int, default=None, help="data loader workers")
+    p.add_argument("--encoder-kind", choices=["whisper", "conformer"], default=None)
+    p.add_argument("--init", default=None, help="start from this encoder checkpoint")
+    p.add_argument(
+        "--frame-cache", default=None, help="folder caching a frozen Whisper's outputs (whisper)"
+    )
 
 
 def _common_overrides(args: argparse.Namespace) -> dict:
@@ -100,6 +105,9 @@ def _common_overrides(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "max_minutes": args.max_minutes,
         "num_workers": args.workers,
+        "encoder_kind": args.encoder_kind,
+        "init": args.init,
+        "frame_cache": args.frame_cache,
     }
 
 
@@ -118,9 +126,8 @@ def run_pretrain_ctc(args: argparse.Namespace) -> int:
 
 def add_align_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_common(p)
-    p.add_argument("--encoder-kind", choices=["whisper", "conformer"], default=None)
-    p.add_argument("--init", default=None, help="start from this encoder checkpoint")
     p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
+    p.add_argument("--max-response-tokens", type=int, default=None, help="truncate targets")
 
 
 def run_align(args: argparse.Namespace) -> int:
@@ -132,9 +139,8 @@ def run_align(args: argparse.Namespace) -> int:
         "align",
         args.recipe,
         **_common_overrides(args),
-        encoder_kind=args.encoder_kind,
-        init=args.init,
         kl_weight=args.kl_weight,
+        max_response_tokens=args.max_response_tokens,
     )
     print(align(cfg, args.manifest, args.out, args.device))
     return 0

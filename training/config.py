@@ -219,6 +219,7 @@ class AlignConfig:
     kl_temperature: float = 1.0
     max_response_tokens: int = 48  # tokens; responses are truncated for speed
     max_audio_seconds: float = 30.0  # s
+    frame_cache: str | None = None  # folder for the frozen Whisper's outputs, computed once
     eval_every: int = 200  # steps
     eval_batches: int = 20
     save_every: int = 200  # steps
@@ -235,17 +236,22 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class CTCConfig:
-    """Step 5: character CTC pretraining of the conformer encoder."""
+    """Step 5: CTC pretraining (conformer: characters; whisper adapter: the LLM's tokens)."""
 
-    llm: str = "default"  # the LLM whose width the encoder's output takes
+    llm: str = "default"  # the LLM whose width (and, for whisper, tokens) the encoder learns
+    system_prompt: str | None = None  # whisper: the template the typed tokens are rendered in
+    encoder_kind: str = "conformer"
     encoder_preset: str = "small"
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # whisper: start from this encoder checkpoint
+    min_token_count: int = 2  # whisper: LLM tokens rarer than this in train text are not targets
     steps: int = 4000
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 5.0
     max_audio_seconds: float = 30.0  # s
+    frame_cache: str | None = None  # whisper: folder for the frozen encoder's outputs
     eval_every: int = 500  # steps
     eval_batches: int = 10
     num_workers: int = 2

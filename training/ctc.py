@@ -1,32 +1,41 @@
-"""Character-level CTC pretraining of the conformer encoder (the paper pretrains it on ASR too).
+"""CTC pretraining before alignment (the paper pretrains its encoder on ASR too); two targets:
 
-The CTC head reads the conformer's 40 ms frames; after pretraining, alignment starts from this
-checkpoint (`align --init`). Reports greedy CTC WER on the dev split.
+- conformer: characters, from the conformer's own head on its 40 ms frames;
+- whisper: the frozen LLM's tokens, from the adapter's LLM-width outputs scored against the LLM's
+  own input embeddings (a head that is dropped afterwards), so the adapter learns to put each
+  spoken token near the embedding of the typed token before modal-invariance alignment.
 
-Dims: B rows, T frames, V characters (+ blank at 0).
+After pretraining, alignment starts from the checkpoint (`align --init`). Reports greedy CTC WER
+on the dev split. With `frame_cache`, a frozen Whisper's outputs are computed once and reused.
+
+Dims: B rows, T frames, V classes (+ blank at 0).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 import jiwer
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from model.audio import load_audio_file
-from model.checkpoint import save_encoder
+from model.checkpoint import load_encoder, save_encoder
 from model.config import encoder_preset
 from model.encoders import build_encoder
-from model.llm import load_llm
+from model.llm import LoadedLLM, load_llm
 from training.align import autocast_for, out_of_time
-from training.batches import pad_waveforms
+from training.batches import PromptFrame, pad_waveforms
 from training.config import CTCConfig
+from training.frame_cache import FrameCache
 from training.manifest import Utterance, read_manifest
 from training.plots import plot_curves
 
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"  # index + 1 is the class; 0 is the CTC blank
 BLANK = 0
+INIT_SCALE = 10.0  # cosine-logit scale the token head starts from (learned)
+NORM_WEIGHT = 0.1  # weight of the pull of output norms to the embedding table's mean norm
 
 
 def normalize_transcript(text: str) -> str:
@@ -45,30 +56,130 @@ def encode_chars(text: str) -> list[int]:
     return [ALPHABET.index(c) + 1 for c in normalize_transcript(text)]
 
 
-def decode_greedy(log_probs: torch.Tensor, length: int) -> str:
-    """Best path of one row [T, V]: merge repeats, drop blanks."""
-    best = log_probs[:length].argmax(-1).tolist()  # [T]
-    chars = [
-        ALPHABET[c - 1] for i, c in enumerate(best) if c != BLANK and (i == 0 or c != best[i - 1])
-    ]
-    return " ".join("".join(chars).split())
+class CharTask:
+    """Characters from the conformer's own CTC head (the paper's ASR pretraining)."""
+
+    name = "chars"
+
+    def __init__(self) -> None:
+        self.head = None  # the conformer carries its head
+
+    def encode(self, text: str) -> list[int]:
+        return encode_chars(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(ALPHABET[c - 1] for c in ids)
+
+    def log_probs(self, encoder, batch: dict, device: torch.device):
+        return encoder.forward_ctc(batch["waveforms"].to(device), batch["lengths"].to(device))
+
+    def penalty(self) -> torch.Tensor | float:
+        return 0.0
+
+
+class TokenHead(nn.Module):
+    """Cosine similarity of adapter outputs to the frozen LLM's input embeddings of the corpus's
+    tokens, plus a learned blank; the norms of the outputs are pulled to the table's mean norm.
+
+    Dims: B rows, T embeddings, D LLM width, V' corpus tokens (+ blank at 0)."""
+
+    def __init__(self, table: torch.Tensor, vocab: list[int]) -> None:
+        super().__init__()
+        rows = table[torch.tensor(vocab)].float()  # [V', D]
+        self.register_buffer("rows", nn.functional.normalize(rows, dim=-1))  # [V', D]
+        self.blank = nn.Parameter(rows.mean(dim=0))  # [D]
+        self.log_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
+        self.target_norm = float(table.float().norm(dim=-1).mean())
+        self.last_norm_penalty: torch.Tensor | float = 0.0
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """emb [B, T, D], lengths [B] -> log-probs [B, T, 1 + V'] float32."""
+        emb = emb.float()
+        classes = torch.cat([nn.functional.normalize(self.blank, dim=-1)[None], self.rows])
+        logits = nn.functional.normalize(emb, dim=-1) @ classes.T * self.log_scale.exp()
+        valid = torch.arange(emb.shape[1], device=emb.device)[None] < lengths[:, None]  # [B, T]
+        norms = emb.norm(dim=-1)[valid]  # [valid frames]
+        self.last_norm_penalty = ((norms - self.target_norm) / self.target_norm).square().mean()
+        return logits.log_softmax(dim=-1)  # [B, T, 1 + V']
+
+
+class TokenTask:
+    """The frozen LLM's tokens, classified from the encoder's LLM-width outputs against the LLM's
+    own input embeddings: each spoken token is pulled towards the embedding of the typed token
+    (Wav2Prompt / LegoSLM-style), so alignment starts from embeddings the LLM can read."""
+
+    name = "llm_tokens"
+
+    def __init__(
+        self, llm: LoadedLLM, texts: list[str], system_prompt: str | None, min_count: int = 1
+    ) -> None:
+        self.llm = llm
+        self.frame = PromptFrame.build(llm, system_prompt)
+        self.cache: dict[str, list[int]] = {}
+        counts = Counter(i for t in texts for i in self.turn_ids(t))
+        vocab = sorted(i for i, n in counts.items() if n >= min_count)
+        log.info(
+            "token CTC over %d of the LLM's tokens (seen >= %d times; %.1f%% of target tokens)",
+            len(vocab),
+            min_count,
+            100 * sum(counts[i] for i in vocab) / max(1, sum(counts.values())),
+        )
+        self.class_of = {tok: c + 1 for c, tok in enumerate(vocab)}
+        self.token_of = dict(enumerate(vocab, start=1))
+        self.head = TokenHead(llm.model.get_input_embeddings().weight.detach().cpu(), vocab)
+        self.norm_weight = NORM_WEIGHT
+
+    def turn_ids(self, text: str) -> list[int]:
+        if text not in self.cache:
+            self.cache[text] = self.frame.turn_ids(self.llm, text)
+        return self.cache[text]
+
+    def encode(self, text: str) -> list[int]:
+        """Classes of the text's tokens; a token outside the training vocabulary is dropped."""
+        return [self.class_of[i] for i in self.turn_ids(text) if i in self.class_of]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.llm.tokenizer.decode([self.token_of[c] for c in ids])
+
+    def log_probs(self, encoder, batch: dict, device: torch.device):
+        emb, lengths = encoder(
+            batch["waveforms"].to(device),
+            batch["lengths"].to(device),
+            **({"precomputed": True} if batch["waveforms"].ndim == 3 else {}),
+        )  # [B, T, D], [B]
+        return self.head(emb, lengths), lengths
+
+    def penalty(self) -> torch.Tensor | float:
+        return self.norm_weight * self.head.last_norm_penalty
 
 
 class CTCDataset(Dataset):
-    def __init__(self, utterances: list[Utterance], max_seconds: float) -> None:
-        self.utterances = [u for u in utterances if encode_chars(u.text)]
+    def __init__(
+        self,
+        utterances: list[Utterance],
+        task,
+        max_seconds: float,
+        frames: FrameCache | None = None,
+    ) -> None:
+        self.utterances = [u for u in utterances if task.encode(u.text)]
+        self.targets = [task.encode(u.text) for u in self.utterances]
         self.max_seconds = max_seconds
+        self.frames = frames
 
     def __len__(self) -> int:
         return len(self.utterances)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], str]:
         utt = self.utterances[index]
-        return load_audio_file(utt.audio, self.max_seconds), encode_chars(utt.text), utt.text
+        if self.frames is not None:
+            audio = self.frames.load(utt)  # [T_f, D_f]
+        else:
+            audio = load_audio_file(utt.audio, self.max_seconds)  # [T_wav]
+        return audio, self.targets[index], utt.text
 
 
 def collate_ctc(items: list[tuple[torch.Tensor, list[int], str]]) -> dict:
-    wavs, lengths = pad_waveforms([w for w, _, _ in items])  # [B, T_wav], [B]
+    wavs, lengths = pad_waveforms([w for w, _, _ in items])  # [B, T_wav] or [B, T_f, D_f], [B]
     targets = torch.tensor([c for _, chars, _ in items for c in chars])  # [sum U]
     target_lengths = torch.tensor([len(chars) for _, chars, _ in items])  # [B]
     return {
@@ -80,10 +191,8 @@ def collate_ctc(items: list[tuple[torch.Tensor, list[int], str]]) -> dict:
     }
 
 
-def ctc_step_loss(encoder, batch: dict, device: torch.device) -> torch.Tensor:
-    log_probs, frames = encoder.forward_ctc(
-        batch["waveforms"].to(device), batch["lengths"].to(device)
-    )
+def ctc_step_loss(task, encoder, batch: dict, device: torch.device) -> torch.Tensor:
+    log_probs, frames = task.log_probs(encoder, batch, device)  # [B, T, V], [B]
     return torch.nn.functional.ctc_loss(
         log_probs.transpose(0, 1),
         batch["targets"].to(device),
@@ -94,68 +203,115 @@ def ctc_step_loss(encoder, batch: dict, device: torch.device) -> torch.Tensor:
     )
 
 
+def best_path(log_probs: torch.Tensor, length: int) -> list[int]:
+    """Greedy CTC path of one row [T, V]: repeats merged, blanks dropped."""
+    best = log_probs[:length].argmax(-1).tolist()  # [T]
+    return [c for i, c in enumerate(best) if c != BLANK and (i == 0 or c != best[i - 1])]
+
+
 @torch.no_grad()
-def ctc_wer(encoder, loader: DataLoader, device: torch.device, max_batches: int) -> float:
+def ctc_wer(task, encoder, loader: DataLoader, device: torch.device, max_batches: int) -> float:
     """Greedy CTC word error rate on (part of) a split."""
     encoder.eval()
     refs, hyps = [], []
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        log_probs, frames = encoder.forward_ctc(
-            batch["waveforms"].to(device), batch["lengths"].to(device)
-        )
-        hyps += [decode_greedy(log_probs[r], int(frames[r])) for r in range(log_probs.shape[0])]
+        log_probs, frames = task.log_probs(encoder, batch, device)
+        hyps += [
+            normalize_transcript(task.decode(best_path(log_probs[r], int(frames[r]))))
+            for r in range(log_probs.shape[0])
+        ]
         refs += [normalize_transcript(t) for t in batch["texts"]]
     encoder.train()
     return jiwer.wer(refs, [h or "-" for h in hyps])
 
 
+def build_task_and_encoder(cfg: CTCConfig, llm: LoadedLLM, utts: list[Utterance]):
+    """(task, encoder): chars on a fresh conformer, or LLM tokens on a Whisper encoder's adapter
+    (fresh, or from `cfg.init`)."""
+    if cfg.encoder_kind == "conformer":
+        enc_cfg = encoder_preset(
+            cfg.encoder_preset,
+            kind="conformer",
+            llm_hidden=llm.hidden_size,
+            ctc_vocab=len(ALPHABET) + 1,
+            **cfg.encoder_overrides,
+        )
+        return CharTask(), build_encoder(enc_cfg)
+    if cfg.init:
+        encoder, _, _ = load_encoder(cfg.init, llm.identity, device="cpu")
+    else:
+        enc_cfg = encoder_preset(
+            cfg.encoder_preset,
+            kind=cfg.encoder_kind,
+            llm_hidden=llm.hidden_size,
+            **cfg.encoder_overrides,
+        )
+        encoder = build_encoder(enc_cfg)
+    texts = [u.text for u in utts if u.split in (None, "train")]
+    return TokenTask(llm, texts, cfg.system_prompt, cfg.min_token_count), encoder
+
+
 def pretrain_ctc(
     cfg: CTCConfig, manifests: list[str | Path], out: str | Path, device: str = "auto"
 ) -> Path:
-    """Train the conformer with a character CTC head; save a checkpoint for `align --init`."""
+    """CTC-pretrain an encoder (conformer: characters; whisper: LLM tokens against the LLM's
+    embeddings); save a checkpoint for `align --init`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev_t = torch.device(device)
     torch.manual_seed(cfg.seed)
-    llm = load_llm(cfg.llm, device="cpu")  # only its identity and width are needed
-    enc_cfg = encoder_preset(
-        cfg.encoder_preset,
-        kind="conformer",
-        llm_hidden=llm.hidden_size,
-        ctc_vocab=len(ALPHABET) + 1,
-        **cfg.encoder_overrides,
-    )
-    encoder = build_encoder(enc_cfg).to(device).train()
+    llm = load_llm(cfg.llm, device="cpu")  # identity, width, tokenizer and embedding table
     utts = [u for m in manifests for u in read_manifest(m)]
-    make = lambda split, shuffle: DataLoader(  # noqa: E731
-        CTCDataset([u for u in utts if u.split == split], cfg.max_audio_seconds),
+    task, encoder = build_task_and_encoder(cfg, llm, utts)
+    encoder = encoder.to(dev_t).train()
+    frames = None
+    if cfg.frame_cache:
+        frames = FrameCache(cfg.frame_cache, encoder, cfg.max_audio_seconds)
+        frames.fill(encoder, [u for u in utts if u.split in (None, "train", "dev")], dev_t)
+        encoder.train()
+    make = lambda splits, shuffle: DataLoader(  # noqa: E731
+        CTCDataset([u for u in utts if u.split in splits], task, cfg.max_audio_seconds, frames),
         batch_size=cfg.batch_size,
         shuffle=shuffle,
         collate_fn=collate_ctc,
         num_workers=cfg.num_workers,
         drop_last=shuffle,
     )
-    train, dev = make("train", True), make("dev", False)
-    optim = torch.optim.AdamW(encoder.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train, dev = make((None, "train"), True), make(("dev",), False)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    if task.head is not None:
+        task.head.to(dev_t)
+        params += list(task.head.parameters())
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(optim, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    log.info(
+        "CTC pretraining (%s) of a %s encoder: %d train / %d dev utterances",
+        task.name,
+        encoder.config.kind,
+        len(train.dataset),
+        len(dev.dataset),
+    )
     step, bar, started = 0, tqdm(total=cfg.steps, desc="pretrain-ctc"), time.perf_counter()
     while step < cfg.steps:
         for batch in train:
-            with autocast_for(torch.device(device)):
-                loss = ctc_step_loss(encoder, batch, torch.device(device))
+            with autocast_for(dev_t):
+                ctc = ctc_step_loss(task, encoder, batch, dev_t)
+                loss = ctc + task.penalty()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optim.step(), sched.step(), optim.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            record = {"step": step, "loss": float(loss.detach())}
+            bar.set_postfix(ctc=f"{float(ctc.detach()):.3f}")
+            record = {"step": step, "loss": float(loss.detach()), "ctc": float(ctc.detach())}
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                record["dev_wer"] = ctc_wer(encoder, dev, torch.device(device), cfg.eval_batches)
+                record["dev_wer"] = ctc_wer(task, encoder, dev, dev_t, cfg.eval_batches)
                 log.info(
-                    "step %d CTC loss %.3f dev WER %.3f", step, record["loss"], record["dev_wer"]
+                    "step %d CTC loss %.3f dev WER %.3f", step, record["ctc"], record["dev_wer"]
                 )
             with (out / "log.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -165,9 +321,14 @@ def pretrain_ctc(
             log.info("stopping at step %d: %s min wall-clock limit reached", step, cfg.max_minutes)
             break
     bar.close()
-    wer = ctc_wer(encoder, dev, torch.device(device), cfg.eval_batches)
-    training = {"ctc_steps": step, "ctc_dev_wer": wer, "recipe": cfg.to_dict()}
+    wer = ctc_wer(task, encoder, dev, dev_t, cfg.eval_batches)
+    training = {
+        "ctc_steps": step,
+        "ctc_target": task.name,
+        "ctc_dev_wer": wer,
+        "recipe": cfg.to_dict(),
+    }
     save_encoder(out / "encoder", encoder, llm.identity, training=training)
-    plot_curves(out / "log.jsonl", out / "loss.png", "CTC pretraining")
+    plot_curves(out / "log.jsonl", out / "loss.png", f"CTC pretraining ({task.name})")
     log.info("CTC pretraining done: dev WER %.3f; checkpoint %s", wer, out / "encoder")
     return out / "encoder"

@@ -25,6 +25,18 @@ class AudioEncoder(nn.Module, ABC):
         """waveforms [B, T_wav] float in [-1, 1], lengths [B] samples ->
         (embeddings [B, T, D_llm], lengths [B] valid embeddings per row)."""
 
+    @property
+    def front_frozen(self) -> bool:
+        """True when everything before `head` is frozen, so `front` outputs can be cached."""
+        return False
+
+    def front(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """waveforms [B, T_wav], lengths [B] -> (frozen-part frames [B, T_f, D_f], lengths [B]);
+        `forward(frames, lengths, precomputed=True)` then runs only the trained part."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen front to precompute")
+
     @torch.no_grad()
     def encode_one(self, waveform: torch.Tensor) -> torch.Tensor:
         """One mono waveform [T_wav] -> its embeddings [T, D_llm] on the encoder's device."""

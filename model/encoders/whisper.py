@@ -95,15 +95,42 @@ class WhisperAudioEncoder(AudioEncoder):
         return self
 
     def forward(
-        self, waveforms: torch.Tensor, lengths: torch.Tensor
+        self, waveforms: torch.Tensor, lengths: torch.Tensor, precomputed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """waveforms [B, T_wav] at 16 kHz, lengths [B] samples ->
-        (embeddings [B, T, D_llm], lengths [B] valid embeddings per row)."""
+        (embeddings [B, T, D_llm], lengths [B] valid embeddings per row).
+
+        With `precomputed`, the inputs are `front()` outputs [B, T_enc, D] and frame lengths."""
+        if precomputed:
+            if not self.front_frozen:
+                raise ValueError(
+                    "precomputed frames need a fully frozen Whisper (trainable_layers 0)"
+                )
+            return self.adapter(waveforms, lengths)  # [B, T, D_llm], [B]
+        return self.adapter(*self.encode(waveforms, lengths))  # [B, T, D_llm], [B]
+
+    @property
+    def front_frozen(self) -> bool:
+        return not self.trained_whisper
+
+    def front(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen Whisper encoder's frames [B, T_enc, D] and lengths [B], for caching."""
+        if not self.front_frozen:
+            raise ValueError(
+                "only a fully frozen Whisper (trainable_layers 0) has a cacheable front"
+            )
+        with torch.no_grad():
+            return self.encode(waveforms, lengths)
+
+    def encode(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """waveforms [B, T_wav], lengths [B] -> (Whisper frames [B, T_enc, D], lengths [B])."""
         if waveforms.shape[1] <= WINDOW_SAMPLES:
-            frames, frame_lengths = self.encode_window(waveforms, lengths)  # [B, T_enc, D]
-        else:
-            frames, frame_lengths = self.encode_long(waveforms, lengths)  # [B, T_enc, D]
-        return self.adapter(frames, frame_lengths)  # [B, T, D_llm], [B]
+            return self.encode_window(waveforms, lengths)  # [B, T_enc, D]
+        return self.encode_long(waveforms, lengths)  # [B, T_enc, D]
 
     def encode_window(
         self, waveforms: torch.Tensor, lengths: torch.Tensor

@@ -128,6 +128,55 @@ def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path
     assert (out / "encoder" / "encoder.safetensors").is_file()
 
 
+def test_token_ctc_on_cached_whisper_frames_then_align_from_it(
+    corpus: Path, tiny_llm_dir, tiny_llm, tmp_path
+):
+    frames = str(tmp_path / "frames")
+    ctc = CTCConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="whisper",
+        encoder_overrides={"whisper_source": "tiny-random", "adapter_hidden": 32},
+        steps=30,
+        batch_size=4,
+        lr=3e-3,
+        eval_every=15,
+        num_workers=0,
+        frame_cache=frames,
+    )
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    encoder_dir = pretrain_ctc(ctc, manifests, tmp_path / "ctc")
+    records = [json.loads(x) for x in (tmp_path / "ctc" / "log.jsonl").read_text().splitlines()]
+    ctc_losses = [r["ctc"] for r in records]
+    assert len(ctc_losses) == 30 and sum(ctc_losses[-5:]) < 0.8 * sum(ctc_losses[:5])
+    assert [r["step"] for r in records if "dev_wer" in r] == [15, 30]
+    config = json.loads((encoder_dir / "config.json").read_text())
+    assert config["training"]["ctc_target"] == "llm_tokens"
+    assert config["encoder"]["kind"] == "whisper"
+    n_cached = len(list(Path(frames).rglob("*.npy")))
+    assert n_cached == len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
+
+    cfg = AlignConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="whisper",
+        init=str(encoder_dir),
+        frame_cache=frames,
+        steps=2,
+        batch_size=4,
+        warmup_steps=1,
+        num_workers=0,
+        eval_every=2,
+        max_response_tokens=8,
+    )
+    out = align(cfg, manifests, tmp_path / "aligned")
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 2 and record["dev_ce"] > 0
+    assert len(list(Path(frames).rglob("*.npy"))) == n_cached  # reused, not recomputed
+    from model.checkpoint import load_encoder
+
+    encoder, _, _ = load_encoder(out / "encoder", tiny_llm.identity, device="cpu")
+    assert encoder.config.whisper_source == "tiny-random"
+
+
 def test_spoken_qa_set_is_synthesized_with_eval_voices(tmp_path):
     from training.engines import voice_available
     from training.spoken_qa import synthesize_spoken_qa
