@@ -176,7 +176,11 @@ async def concurrency(worker: Worker, sessions: int, n: int) -> dict[str, float]
 async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[str, object]:
     budget = int(args.kv_budget_gb * (1 << 30))
     worker = Worker(
-        speech_llm, kv_budget_bytes=budget, max_batch=16, prefill_chunk=args.prefill_chunk
+        speech_llm,
+        kv_budget_bytes=budget,
+        max_batch=16,
+        prefill_chunk=args.prefill_chunk,
+        prefill_rows=args.prefill_rows,
     )
     await worker.start()
     await run_request(worker, 4, messages=STORY)  # warm-up
@@ -201,7 +205,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="tokens per step, all rows")
+    parser.add_argument("--prefill-rows", type=int, default=8, help="1: one prompt at a time")
     parser.add_argument("--reply-tokens", type=int, default=24, help="per reply in the session")
     parser.add_argument("--kv-budget-gb", type=float, default=2.0)
     parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")

@@ -74,6 +74,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         kv_budget_bytes=settings.kv_budget_bytes,
         max_sessions=settings.max_sessions,
         max_batch=settings.max_batch,
+        prefill_chunk=settings.prefill_chunk,
+        prefill_rows=settings.prefill_rows,
         num_threads=settings.num_threads,
     )
     await worker.start()

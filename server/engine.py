@@ -1,4 +1,5 @@
-"""The model thread: each step admits work, prefills one chunk, then decodes every running row.
+"""The model thread: each step admits work, runs one packed prefill of the waiting requests'
+chunks (up to `prefill_chunk` tokens in all), then decodes every running row.
 
 Own scheduler rather than transformers' ContinuousBatchingManager: that one schedules token-id
 requests only, while our prompts hold audio embeddings (see server/engine_batch.py). Everything
@@ -22,8 +23,8 @@ import torch
 from model.decoding import select_tokens
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM
-from server.engine_batch import Arena, SlotCache, make_prefill_mask
-from server.engine_decode import lay_out_for_decode, make_decode_bias, use_gqa_attention
+from server.engine_batch import Arena, PackedPrefill, SlotCache, make_prefill_mask
+from server.engine_decode import GQA_SDPA, lay_out_for_decode, make_decode_bias, use_gqa_attention
 from server.engine_request import EngineRequest, embed_from
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore, count_common_prefix
 from server.protocol import FinishReason
@@ -31,6 +32,7 @@ from server.protocol import FinishReason
 log = logging.getLogger(__name__)
 
 Done = tuple[EngineRequest, FinishReason, BaseException | None]
+PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
 
 
 class Engine:
@@ -43,6 +45,7 @@ class Engine:
         *,
         max_batch: int,
         prefill_chunk: int,
+        prefill_rows: int = 8,
         num_threads: int | None = None,
     ) -> None:
         cfg = llm.model.config
@@ -64,14 +67,18 @@ class Engine:
         )
         self.cache = SlotCache(self.arena, cfg.num_hidden_layers)
         self.max_positions = cfg.max_position_embeddings
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step, all prefilling requests
+        self.prefill_rows = prefill_rows  # requests prefilled side by side
+        # several chunks in one forward need our attention function (flash/eager: one by one)
+        self.packed_ok = self.model.config._attn_implementation == GQA_SDPA
         self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.waiting: deque[EngineRequest] = deque()
-        self.prefilling: EngineRequest | None = None
+        self.prefilling: list[EngineRequest] = []  # rows len(decoding) .. (in any order)
         self.decoding: list[EngineRequest] = []  # index == arena row
         self.requests: dict[str, EngineRequest] = {}
         self._names = itertools.count()
         self.peak_batch = 0  # most rows decoded in one step, for tests and benchmarks
+        self.peak_prefill_rows = 0  # most requests in one packed prefill
         self._thread: threading.Thread | None = None
 
     # -- any thread ------------------------------------------------------------------------
@@ -125,7 +132,7 @@ class Engine:
             block = False
 
     def step(self) -> None:
-        """Admit what fits, run one prefill chunk, then one decode step for all rows."""
+        """Admit what fits, run one prefill step, then one decode step for all rows."""
         self._admit()
         self._prefill_step()
         self._decode_step()
@@ -140,7 +147,11 @@ class Engine:
     # -- admission -------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while self.prefilling is None and self.waiting and len(self.decoding) < self.arena.max_rows:
+        while (
+            self.waiting
+            and len(self.prefilling) < self.prefill_rows
+            and self.rows_in_use < self.arena.max_rows
+        ):
             req = self.waiting.popleft()
             try:
                 started = self._start_prefill(req)
@@ -162,9 +173,9 @@ class Engine:
             )
         if req.session_key is not None:
             self.store.get(req.session_key)  # most recently used: evict others first
-        row = len(self.decoding)
+        row = self.rows_in_use
         if not self.arena.ensure(row + 1, len(keys) + 1):
-            if self.decoding:
+            if row:
                 return False
             raise MessageFormatError("the conversation does not fit in the worker's KV budget")
         source, reuse = self._find_prefix(req)
@@ -174,8 +185,12 @@ class Engine:
         req.row, req.row_keys, req.cached_tokens = row, list(keys[:reuse]), reuse
         req.pending = embed_from(req.plan, reuse, self.llm.embed_tokens)  # [T_new, D]
         req.generator = req.params.make_generator(self.device)
-        self.prefilling = req
+        self.prefilling.append(req)
         return True
+
+    @property
+    def rows_in_use(self) -> int:
+        return len(self.decoding) + len(self.prefilling)
 
     def _find_prefix(self, req: EngineRequest) -> tuple[KVEntry | None, int]:
         """The cached KV sharing most leading positions with the prompt, and how many to reuse."""
@@ -194,28 +209,50 @@ class Engine:
     # -- prefill ---------------------------------------------------------------------------
 
     def _prefill_step(self) -> None:
-        req = self.prefilling
-        if req is None:
+        """Advance the prefilling requests by up to `prefill_chunk` tokens in all (oldest first);
+        requests whose prompt is complete get their first token and start decoding."""
+        if not self.prefilling:
             return
-        try:
-            logits = self._prefill_chunk(req)  # [V] after the last chunk
-        except Exception as err:  # a tensor error in one prompt fails that request alone
+        plan, budget = [], self.prefill_chunk
+        for req in self.prefilling:
+            q_len = min(budget, req.prefill_left)
+            if q_len > 0:
+                plan.append((req, q_len))
+                budget -= q_len
+        logits, failed = self._prefill_rows(plan)
+        for req, err in failed.items():
             log.warning("request %s failed in prefill: %s", req.request_id, err)
-            self.prefilling = None
+            self._drop_prefill(req)
             self._forget(req)
             req.fail(err)
-            return
-        if logits is None:
-            return
-        self.prefilling, req.pending = None, None
-        self.decoding.append(req)
-        reason = req.accept_token(self._sample([req], logits[None])[0])
-        if reason is not None:
-            self._retire([(req, reason, None)])
+        for req, row_logits in logits.items():
+            self._start_decoding(req, row_logits)
 
-    def _prefill_chunk(self, req: EngineRequest) -> torch.Tensor | None:
+    def _prefill_rows(
+        self, plan: list[tuple[EngineRequest, int]]
+    ) -> tuple[dict[EngineRequest, torch.Tensor], dict[EngineRequest, BaseException]]:
+        """Run the planned chunks; logits [V] of requests whose prompt is now complete. A batch
+        that fails is retried request by request, so a bad prompt fails alone."""
+        if self.packed_ok and len(plan) > 1:
+            try:
+                return self._prefill_packed(plan), {}
+            except Exception as err:
+                log.info("packed prefill failed (%s); retrying its requests one by one", err)
+        logits, failed = {}, {}
+        for req, q_len in plan:
+            try:
+                out = self._prefill_chunk(req, q_len)  # [V] after the last chunk
+            except Exception as err:  # a tensor error in one prompt fails that request alone
+                failed[req] = err
+                continue
+            if out is not None:
+                logits[req] = out
+        return logits, failed
+
+    def _prefill_chunk(self, req: EngineRequest, q_len: int) -> torch.Tensor | None:
+        """One request's next `q_len` prompt positions; its logits [V] if the prompt is done."""
         assert req.pending is not None
-        start, q_len = len(req.row_keys), min(self.prefill_chunk, req.prefill_left)
+        start = len(req.row_keys)
         embeds = req.pending[req.cursor : req.cursor + q_len][None]  # [1, Q, D]
         self.cache.set_prefill(req.row, start, q_len)
         positions = torch.arange(start, start + q_len, device=self.device)[None]  # [1, Q]
@@ -227,9 +264,65 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
+        self._advance(req, start, q_len)
+        return out.logits[0, -1] if req.prefill_left == 0 else None  # [V]
+
+    def _prefill_packed(self, plan: list[tuple[EngineRequest, int]]) -> dict:
+        """Several requests' chunks as one sequence [1, Q_total, D] (no padding)."""
+        packed, embeds, positions = PackedPrefill(self.arena), [], []
+        for req, q_len in plan:
+            assert req.pending is not None
+            start = len(req.row_keys)
+            packed.add(req.row, start, q_len)
+            embeds.append(req.pending[req.cursor : req.cursor + q_len])  # [Q, D]
+            positions.append(torch.arange(start, start + q_len, device=self.device))  # [Q]
+        self.cache.set_packed(packed)
+        self.peak_prefill_rows = max(self.peak_prefill_rows, len(plan))
+        hidden = self.model.model(
+            inputs_embeds=torch.cat(embeds)[None],  # [1, Q_total, D]
+            position_ids=torch.cat(positions)[None],  # [1, Q_total]
+            attention_mask=PACKED_MASK,  # unused: each segment brings its own
+            cache=self.cache,
+            use_cache=True,
+            packed_prefill=packed,
+        ).last_hidden_state[0]  # [Q_total, D]
+        done = []
+        for (req, q_len), seg in zip(plan, packed.segments, strict=True):
+            self._advance(req, seg.start, q_len)
+            if req.prefill_left == 0:
+                done.append((req, seg.hi - 1))
+        if not done:
+            return {}
+        last = hidden[torch.tensor([i for _, i in done], device=self.device)]  # [n, D]
+        logits = self.model.get_output_embeddings()(last)  # [n, V]
+        return {req: logits[i] for i, (req, _) in enumerate(done)}
+
+    def _advance(self, req: EngineRequest, start: int, q_len: int) -> None:
         req.row_keys.extend(req.plan.keys[start : start + q_len])
         req.cursor += q_len
-        return out.logits[0, -1] if req.prefill_left == 0 else None  # [V]
+
+    def _start_decoding(self, req: EngineRequest, logits: torch.Tensor) -> None:
+        """A prompt is complete: its row joins the decoding rows and it takes its first token."""
+        first = len(self.decoding)  # the first prefill row
+        if req.row != first:
+            other = next(r for r in self.prefilling if r.row == first)
+            self.arena.swap(first, req.row, max(len(req.row_keys), len(other.row_keys)))
+            other.row, req.row = req.row, first
+        self.prefilling.remove(req)
+        req.pending = None
+        self.decoding.append(req)
+        reason = req.accept_token(self._sample([req], logits[None])[0])
+        if reason is not None:
+            self._retire([(req, reason, None)])
+
+    def _drop_prefill(self, req: EngineRequest) -> None:
+        """Take a request out of prefill; the last prefill row fills its row."""
+        self.prefilling.remove(req)
+        last = self.rows_in_use  # the row past the others, now that it is gone
+        if req.row != last:
+            moved = next(r for r in self.prefilling if r.row == last)
+            self.arena.move(last, req.row, len(moved.row_keys))
+            moved.row = req.row
 
     # -- decode ----------------------------------------------------------------------------
 
@@ -257,7 +350,7 @@ class Engine:
     def _check_room(self) -> list[Done]:
         """Grow the arena for one more position per row; rows that cannot grow end ('length')."""
         need = max(len(r.row_keys) for r in self.decoding) + 1
-        if need <= self.arena.capacity or self.arena.ensure(len(self.decoding) + 1, need):
+        if need <= self.arena.capacity or self.arena.ensure(self.rows_in_use, need):
             full = [r for r in self.decoding if len(r.row_keys) + 1 > self.max_positions]
         else:
             full = [r for r in self.decoding if len(r.row_keys) + 1 > self.arena.capacity]
@@ -321,7 +414,7 @@ class Engine:
                 req.fail(err)
 
     def _free_row(self, req: EngineRequest) -> None:
-        """Fill the hole with the last decoding row, then move the prefill row down after it."""
+        """Fill the hole with the last decoding row, then the last prefill row fills that one."""
         last = len(self.decoding) - 1
         if req.row != last:
             moved = self.decoding[last]
@@ -329,9 +422,10 @@ class Engine:
             moved.row = req.row
             self.decoding[req.row] = moved
         self.decoding.pop()
-        if self.prefilling is not None:
-            self.arena.move(self.prefilling.row, last, len(self.prefilling.row_keys))
-            self.prefilling.row = last
+        if self.prefilling:
+            tail = max(self.prefilling, key=lambda r: r.row)
+            self.arena.move(tail.row, last, len(tail.row_keys))
+            tail.row = last
 
     def _save_kv(self, req: EngineRequest) -> None:
         """Store a finished row's KV under its session, or as a reusable stateless prefix."""
@@ -348,9 +442,9 @@ class Engine:
         req = self.requests.get(request_id)
         if req is None:
             return
-        if req is self.prefilling:
-            self.prefilling = None
+        if req in self.prefilling:
             self._save_kv(req)  # the prefix computed so far stays useful
+            self._drop_prefill(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         else:

@@ -13,6 +13,8 @@ B rows in a step, Q query positions, K key positions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -50,8 +52,39 @@ class SlotLayer(CacheLayerMixin):
         return self.owner.arena.capacity
 
 
+@dataclass
+class PrefillSegment:
+    """One request's chunk inside a packed prefill: query positions [lo, hi) of the packed
+    sequence, written to arena `row` from column `start`."""
+
+    row: int
+    start: int
+    lo: int
+    hi: int
+    mask: torch.Tensor  # [1, 1, Q, K] bool, causal over the row's prefix plus the chunk
+
+
+@dataclass
+class PackedPrefill:
+    """Several requests' prefill chunks run as one sequence: every projection and MLP sees only
+    real tokens (no padding); attention runs per segment over its own arena row."""
+
+    arena: Arena
+    segments: list[PrefillSegment] = field(default_factory=list)
+
+    def add(self, row: int, start: int, q_len: int) -> None:
+        lo = self.segments[-1].hi if self.segments else 0
+        mask = make_prefill_mask(start, q_len, self.arena.device)
+        self.segments.append(PrefillSegment(row, start, lo, lo + q_len, mask))
+
+    @property
+    def length(self) -> int:
+        return self.segments[-1].hi if self.segments else 0
+
+
 class SlotCache(Cache):
-    """A transformers `Cache` over arena rows: either a decode step or one prefill chunk."""
+    """A transformers `Cache` over arena rows: a decode step, one prefill chunk, or a packed
+    prefill of several requests' chunks."""
 
     def __init__(self, arena: Arena, num_layers: int) -> None:
         super().__init__(layers=[SlotLayer(self, i) for i in range(num_layers)])
@@ -62,9 +95,11 @@ class SlotCache(Cache):
         self.single: int | None = None  # the write column when one row decodes
         self.start = 0  # first written column (prefill)
         self.kv_len = 0  # key columns returned to attention
+        self.packed: PackedPrefill | None = None  # set for a packed prefill
 
     def set_decode(self, lo: int, hi: int, positions: list[int]) -> None:
         device = self.arena.device
+        self.packed = None
         self.lo, self.hi, self.start = lo, hi, -1
         self.positions = torch.tensor(positions, device=device)  # [B]
         self.row_index = torch.arange(lo, hi, device=device)  # [B]
@@ -72,14 +107,26 @@ class SlotCache(Cache):
         self.kv_len = max(positions) + 1
 
     def set_prefill(self, row: int, start: int, q_len: int) -> None:
+        self.packed = None
         self.lo, self.hi, self.start = row, row + 1, start
         self.kv_len = start + q_len
+
+    def set_packed(self, packed: PackedPrefill) -> None:
+        self.packed = packed
+        self.kv_len = max(seg.start + seg.hi - seg.lo for seg in packed.segments)
 
     def write(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """keys/values [B, H, Q, Dh] -> the rows' whole caches [B, H, K, Dh] (views)."""
+        """keys/values [B, H, Q, Dh] -> the rows' whole caches [B, H, K, Dh] (views); a packed
+        prefill writes each segment to its row and returns its input (attention reads the rows)."""
         buf = self.arena.data[layer]  # [2, R, H, C, Dh]
+        if self.packed is not None:
+            for seg in self.packed.segments:
+                end = seg.start + seg.hi - seg.lo
+                buf[0, seg.row, :, seg.start : end] = keys[0, :, seg.lo : seg.hi]  # [H, Q, Dh]
+                buf[1, seg.row, :, seg.start : end] = values[0, :, seg.lo : seg.hi]  # [H, Q, Dh]
+            return keys, values
         if self.start < 0 and self.single is not None:  # one row: a plain copy, no index_put
             buf[0, self.lo, :, self.single] = keys[0, :, 0]  # [H, Dh]
             buf[1, self.lo, :, self.single] = values[0, :, 0]  # [H, Dh]
@@ -168,6 +215,13 @@ class Arena:
         """A copy of a row's first `length` positions -> [L, 2, H, T, Dh]."""
         assert self.data is not None
         return self.data[:, :, row, :, :length].clone()  # [L, 2, H, T, Dh]
+
+    def swap(self, a: int, b: int, length: int) -> None:
+        """Exchange the first `length` positions of two rows."""
+        assert self.data is not None
+        held = self.data[:, :, a, :, :length].clone()
+        self.data[:, :, a, :, :length] = self.data[:, :, b, :, :length]
+        self.data[:, :, b, :, :length] = held
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy a row's first `length` positions into another row."""

@@ -40,7 +40,11 @@ def gqa_sdpa_forward(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA that keeps K/V heads shared when a multi-query chunk comes with a mask."""
+    """SDPA that keeps K/V heads shared when a multi-query chunk comes with a mask; with a
+    `packed_prefill` (server/engine_batch.py), attention per request over its own arena row."""
+    packed = kwargs.pop("packed_prefill", None)
+    if packed is not None:
+        return packed_attention(module, query, packed, scaling)
     groups = getattr(module, "num_key_value_groups", 1)
     if attention_mask is None or query.shape[2] == 1 or groups == 1 or query.device.type != "cpu":
         return sdpa_attention_forward(
@@ -51,6 +55,26 @@ def gqa_sdpa_forward(
         enable_gqa=True,
     )  # [B, H, Q, Dh]  # fmt: skip
     return out.transpose(1, 2).contiguous(), None  # [B, Q, H, Dh]
+
+
+def packed_attention(
+    module: torch.nn.Module, query: torch.Tensor, packed, scaling: float | None
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, Q_total, Dh] of several requests' chunks -> [1, Q_total, H, Dh]; each
+    segment attends to its row's cached prefix and itself (already written by the cache)."""
+    buf = packed.arena.data[module.layer_idx]  # [2, R, Hkv, C, Dh]
+    outs = []
+    for seg in packed.segments:
+        k_len = seg.mask.shape[-1]
+        keys = buf[0, seg.row, :, :k_len][None]  # [1, Hkv, K, Dh]
+        values = buf[1, seg.row, :, :k_len][None]  # [1, Hkv, K, Dh]
+        outs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, seg.lo : seg.hi], keys, values, attn_mask=seg.mask, scale=scaling,
+                enable_gqa=keys.shape[1] != query.shape[1],
+            )  # [1, H, Q, Dh]
+        )  # fmt: skip
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, Q_total, H, Dh]
 
 
 AttentionInterface.register(GQA_SDPA, gqa_sdpa_forward)

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
         900.0, gt=0, description="s a REST session may sit unused before it is closed"
     )
     max_batch: int = Field(32, ge=1, description="requests decoded together")
+    prefill_chunk: int = Field(
+        512, ge=1, description="prompt tokens prefilled per step, all requests together"
+    )
+    prefill_rows: int = Field(8, ge=1, description="requests prefilled side by side")
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
     # generation defaults
     default_max_tokens: int = Field(256, ge=1, description="tokens when a request names none")

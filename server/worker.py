@@ -57,6 +57,7 @@ class Worker:
         max_sessions: int = 256,
         max_batch: int = 32,
         prefill_chunk: int = 512,
+        prefill_rows: int = 8,
         num_threads: int | None = None,
         stream_window_s: float = STREAM_WINDOW,
     ) -> None:
@@ -69,6 +70,7 @@ class Worker:
             self.store,
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
+            prefill_rows=prefill_rows,
             num_threads=num_threads,
         )
         self.max_sessions = max_sessions

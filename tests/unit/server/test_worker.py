@@ -115,6 +115,28 @@ def test_eight_batched_sessions_of_different_lengths_equal_generate(varied):
         assert text == reference_text(varied, turns, 20)
 
 
+def test_packed_prefill_of_many_prompts_equals_generate(varied):
+    """Prompts admitted together are prefilled as one packed sequence, shared token budget."""
+    convs = [[user(f"Say something about {TOPICS[i % 6]}. " * (1 + i % 3))] for i in range(6)]
+
+    async def main():
+        results = {}
+        for chunk in (4096, 24):  # all prompts in one step; then a budget they must share
+            worker = await started(varied, max_batch=8, prefill_chunk=chunk, prefill_rows=6)
+            sids = [worker.open_session() for _ in convs]
+            for sid, turns in zip(sids, convs, strict=True):
+                await worker.append_messages(sid, turns)
+            texts = await asyncio.gather(*(answer(worker, 8, session_id=s) for s in sids))
+            results[chunk] = ([t for t, _, _ in texts], worker.engine.peak_prefill_rows)
+            await worker.stop()
+        return results
+
+    for texts, peak in run(main()).values():
+        assert peak >= 2  # several prompts really shared a forward pass
+        for text, turns in zip(texts, convs, strict=True):
+            assert text == reference_text(varied, turns, 8)
+
+
 def test_turn_five_with_cache_reuse_equals_full_reprefill(varied):
     async def main():
         worker = await started(varied, prefill_chunk=8)

@@ -97,6 +97,42 @@ def test_cancel_by_id_ends_with_cancelled(varied):
     assert len(events) < 100
 
 
+def test_cancel_during_packed_prefill_leaves_the_others_exact(varied):
+    long_prompts = [
+        [{"role": "user", "content": f"Story {i}: " + "the cat sat on the mat. " * 12}]
+        for i in range(4)
+    ]
+
+    async def main():
+        worker = await started(varied, max_batch=4, prefill_chunk=8, prefill_rows=4)
+        good = [answer(worker, messages=c) for c in long_prompts[1:]]
+        doomed = GenerateRequest("doomed", SamplingParams(), messages=long_prompts[0])
+
+        async def collect_doomed():
+            events = []
+            async for event in worker.generate(doomed):
+                events.append(event)
+            return events
+
+        task = asyncio.ensure_future(collect_doomed())
+        while "doomed" not in worker.engine.requests:  # submitted: cancel it mid-prefill
+            await asyncio.sleep(0.001)
+        worker.cancel("doomed")
+        results = await asyncio.gather(*good)
+        events = await task
+        peak, rows = worker.engine.peak_prefill_rows, len(worker.engine.prefilling)
+        await worker.stop()
+        return results, events, peak, rows
+
+    results, events, peak, rows = run(main())
+    assert events[-1] == Finished("doomed", "cancelled")
+    assert not any(isinstance(e, TextDelta) for e in events)  # cancelled before its first token
+    assert peak >= 2 and rows == 0
+    for (text, _, reason), conv in zip(results, long_prompts[1:], strict=True):
+        assert reason == "length"
+        assert text == reference_text(varied, [Turn("user", (TextPart(conv[0]["content"]),))])
+
+
 def test_bad_request_fails_alone(varied):
     width = varied.llm.hidden_size
     bad_audio = AudioPart(digest="bad", duration=0.1, embeddings=torch.randn(4, width + 1))
