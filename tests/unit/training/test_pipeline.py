@@ -3,6 +3,7 @@ synth -> respond -> align -> evaluate (and CTC pretraining -> align --init)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -154,6 +155,14 @@ def test_token_ctc_on_cached_whisper_frames_then_align_from_it(
     assert config["encoder"]["kind"] == "whisper"
     n_cached = len(list(Path(frames).rglob("*.npy")))
     assert n_cached == len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
+    # a second run from the checkpoint starts where the first ended
+    again = pretrain_ctc(
+        dataclasses.replace(ctc, init=str(encoder_dir), steps=2, eval_every=2),
+        manifests,
+        tmp_path / "ctc2",
+    )
+    first = json.loads((tmp_path / "ctc2" / "log.jsonl").read_text().splitlines()[0])
+    assert first["ctc"] < 0.8 * ctc_losses[0] and (again / "encoder.safetensors").is_file()
 
     cfg = AlignConfig(
         llm=str(tiny_llm_dir),
