@@ -231,6 +231,8 @@ def build_task_and_encoder(cfg: CTCConfig, llm: LoadedLLM, utts: list[Utterance]
     """(task, encoder): chars on a fresh conformer, or LLM tokens on a Whisper encoder's adapter
     (fresh, or from `cfg.init`)."""
     if cfg.encoder_kind == "conformer":
+        if cfg.init:
+            raise ValueError("character CTC starts a fresh conformer; `init` is for whisper")
         enc_cfg = encoder_preset(
             cfg.encoder_preset,
             kind="conformer",
