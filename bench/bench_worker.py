@@ -188,7 +188,16 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     ttft = await audio_ttft(worker, speech_llm.llm, args.reply_tokens)
     conc = {s: await concurrency(worker, s, args.tokens) for s in (1, 4, 16)}
     await worker.stop()
-    return {"single": single, "ttft": ttft, "conc": conc}
+    # the same 16 sessions with prompts prefilled one at a time (no packed prefill)
+    serial = Worker(
+        speech_llm, kv_budget_bytes=budget, max_batch=16, prefill_chunk=args.prefill_chunk,
+        prefill_rows=1,
+    )  # fmt: skip
+    await serial.start()
+    await run_request(serial, args.tokens, messages=STORY)  # same cached prefix as above
+    conc_serial = await concurrency(serial, 16, args.tokens)
+    await serial.stop()
+    return {"single": single, "ttft": ttft, "conc": conc, "serial16": conc_serial}
 
 
 def print_table(rows: list[tuple[str, str, str]]) -> None:
@@ -220,7 +229,7 @@ def main() -> None:
     bound = bandwidth / per_token
     hf = generate_rate(llm, args.tokens)
     res = asyncio.run(bench_worker(SpeechLLM(llm), args))
-    single, ttft, conc = res["single"], res["ttft"], res["conc"]
+    single, ttft, conc, serial16 = res["single"], res["ttft"], res["conc"], res["serial16"]
     gpu = device.type == "cuda"
     print(f"\n{llm.name} on {args.device} ({llm.dtype}, {torch.get_num_threads()} threads)")
     print(f"command: python {' '.join(sys.argv)}\n")
@@ -252,6 +261,9 @@ def main() -> None:
             )
         ],
         ("  16 sessions / single stream", f"{conc[16]['agg'] / conc[1]['agg']:.1f}x", ""),
+        ("16 sessions, one prompt per prefill step (tok/s)", f"{serial16['agg']:.1f}", ""),
+        ("  TTFT p50 / p99 (ms)",
+         f"{1e3 * serial16['p50']:.0f} / {1e3 * serial16['p99']:.0f}", ""),
     ])  # fmt: skip
 
 
