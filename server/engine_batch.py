@@ -77,10 +77,6 @@ class PackedPrefill:
         mask = make_prefill_mask(start, q_len, self.arena.device)
         self.segments.append(PrefillSegment(row, start, lo, lo + q_len, mask))
 
-    @property
-    def length(self) -> int:
-        return self.segments[-1].hi if self.segments else 0
-
 
 class SlotCache(Cache):
     """A transformers `Cache` over arena rows: a decode step, one prefill chunk, or a packed
