@@ -27,7 +27,7 @@ class AudioEncoder(nn.Module, ABC):
 
     @property
     def front_frozen(self) -> bool:
-        """True when everything before `head` is frozen, so `front` outputs can be cached."""
+        """True when everything `front` computes is frozen, so its outputs can be cached."""
         return False
 
     def front(
