@@ -33,12 +33,13 @@ from training.batches import (
     AlignDataset,
     PromptFrame,
     collate_examples,
+    encode_batch,
     pack_rows,
     response_logits,
     text_turns,
 )
 from training.config import AlignConfig
-from training.frame_cache import FrameCache
+from training.frame_cache import cached_frames
 from training.manifest import read_manifest
 from training.plots import plot_curves
 
@@ -57,11 +58,7 @@ def alignment_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE (+ KL to the text-prompted teacher) on one collated batch."""
     device = llm.device
-    emb, emb_len = encoder(
-        batch["waveforms"].to(device),
-        batch["lengths"].to(device),
-        **({"precomputed": True} if batch.get("precomputed") else {}),
-    )  # [B, T, D]
+    emb, emb_len = encode_batch(encoder, batch, device)  # [B, T, D], [B]
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
     packed = pack_rows(llm, turns, frame, batch["responses"])
     logits = response_logits(llm, packed)  # [N, V]
@@ -101,17 +98,6 @@ def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
         **cfg.encoder_overrides,
     )
     return build_encoder(enc_cfg)
-
-
-def cached_frames(cfg: AlignConfig, encoder, utts: list, rank: int) -> FrameCache:
-    """The encoder's frozen-front frames of every utterance, computed by rank 0 where missing."""
-    cache = FrameCache(cfg.frame_cache, encoder, cfg.max_audio_seconds)
-    if rank == 0:
-        cache.fill(encoder, utts, next(encoder.parameters()).device)
-        encoder.train()
-    if dist.is_initialized():
-        dist.barrier()
-    return cache
 
 
 def lr_at(step: int, cfg: AlignConfig) -> float:
@@ -187,7 +173,11 @@ def align(
     train_utts = [u for u in utts if u.split in (None, "train")]
     dev_utts = [u for u in utts if u.split == "dev"]
     encoder = build_encoder_for(cfg, llm).to(llm.device).train()
-    frames = cached_frames(cfg, encoder, train_utts + dev_utts, rank) if cfg.frame_cache else None
+    frames = (
+        cached_frames(cfg.frame_cache, encoder, train_utts + dev_utts, cfg.max_audio_seconds, rank)
+        if cfg.frame_cache
+        else None
+    )
     train = AlignDataset(
         train_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames
     )

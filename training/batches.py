@@ -102,11 +102,24 @@ class AlignDataset(Dataset):
 
     def __getitem__(self, index: int) -> Example:
         utt = self.utterances[index]
-        if self.frames is not None:
-            audio = self.frames.load(utt)  # [T_f, D_f]
-        else:
-            audio = load_audio_file(utt.audio, max_seconds=self.max_seconds)  # [T_wav]
+        audio = read_input(utt, self.max_seconds, self.frames)
         return Example(utt.id, audio, utt.text, self.targets[index])
+
+
+def read_input(utt: Utterance, max_seconds: float, frames: FrameCache | None) -> torch.Tensor:
+    """An utterance's encoder input: its cached front frames [T_f, D_f] when `frames` is given,
+    else its waveform [T_wav]."""
+    if frames is not None:
+        return frames.load(utt)
+    return load_audio_file(utt.audio, max_seconds=max_seconds)
+
+
+def encode_batch(encoder, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated batch through the encoder -> (embeddings [B, T, D], lengths [B]); padded
+    frames [B, T_f, D_f] (a frame cache's) skip the encoder's frozen front."""
+    inputs = batch["waveforms"]
+    extra = {"precomputed": True} if inputs.ndim == 3 else {}
+    return encoder(inputs.to(device), batch["lengths"].to(device), **extra)
 
 
 def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,13 +133,12 @@ def pad_waveforms(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torc
 
 
 def collate_examples(examples: list[Example]) -> dict:
-    """Pad waveforms [B, T_wav] (or cached frames [B, T_f, D_f]: `precomputed`); keep texts and
-    target ids as lists."""
+    """Pad waveforms [B, T_wav] (or cached frames [B, T_f, D_f]); keep texts and target ids as
+    lists."""
     wavs, lengths = pad_waveforms([e.audio for e in examples])  # [B, T_wav], [B]
     return {
         "ids": [e.id for e in examples],
         "waveforms": wavs,
-        "precomputed": wavs.ndim == 3,
         "lengths": lengths,
         "texts": [e.text for e in examples],
         "responses": [e.response for e in examples],

@@ -27,15 +27,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.audio import load_audio_file
 from model.checkpoint import load_encoder, save_encoder
 from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import LoadedLLM, load_llm
 from training.align import autocast_for, out_of_time
-from training.batches import PromptFrame, pad_waveforms
+from training.batches import PromptFrame, encode_batch, pad_waveforms, read_input
 from training.config import CTCConfig
-from training.frame_cache import FrameCache
+from training.frame_cache import FrameCache, cached_frames
 from training.manifest import Utterance, read_manifest
 from training.plots import plot_curves
 
@@ -142,11 +141,7 @@ class TokenTask:
         return self.llm.tokenizer.decode([self.token_of[c] for c in ids])
 
     def log_probs(self, encoder, batch: dict, device: torch.device):
-        emb, lengths = encoder(
-            batch["waveforms"].to(device),
-            batch["lengths"].to(device),
-            **({"precomputed": True} if batch["waveforms"].ndim == 3 else {}),
-        )  # [B, T, D], [B]
+        emb, lengths = encode_batch(encoder, batch, device)  # [B, T, D], [B]
         return self.head(emb, lengths), lengths
 
     def penalty(self) -> torch.Tensor | float:
@@ -161,8 +156,9 @@ class CTCDataset(Dataset):
         max_seconds: float,
         frames: FrameCache | None = None,
     ) -> None:
-        self.utterances = [u for u in utterances if task.encode(u.text)]
-        self.targets = [task.encode(u.text) for u in self.utterances]
+        pairs = [(u, task.encode(u.text)) for u in utterances]
+        self.utterances = [u for u, ids in pairs if ids]
+        self.targets = [ids for _, ids in pairs if ids]
         self.max_seconds = max_seconds
         self.frames = frames
 
@@ -171,11 +167,7 @@ class CTCDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, list[int], str]:
         utt = self.utterances[index]
-        if self.frames is not None:
-            audio = self.frames.load(utt)  # [T_f, D_f]
-        else:
-            audio = load_audio_file(utt.audio, self.max_seconds)  # [T_wav]
-        return audio, self.targets[index], utt.text
+        return read_input(utt, self.max_seconds, self.frames), self.targets[index], utt.text
 
 
 def collate_ctc(items: list[tuple[torch.Tensor, list[int], str]]) -> dict:
@@ -272,9 +264,8 @@ def pretrain_ctc(
     encoder = encoder.to(dev_t).train()
     frames = None
     if cfg.frame_cache:
-        frames = FrameCache(cfg.frame_cache, encoder, cfg.max_audio_seconds)
-        frames.fill(encoder, [u for u in utts if u.split in (None, "train", "dev")], dev_t)
-        encoder.train()
+        wanted = [u for u in utts if u.split in (None, "train", "dev")]
+        frames = cached_frames(cfg.frame_cache, encoder, wanted, cfg.max_audio_seconds, rank=0)
     make = lambda splits, shuffle: DataLoader(  # noqa: E731
         CTCDataset([u for u in utts if u.split in splits], task, cfg.max_audio_seconds, frames),
         batch_size=cfg.batch_size,

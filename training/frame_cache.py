@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from model.audio import load_audio_file
@@ -93,6 +94,24 @@ class FrameCache:
         with tmp.open("wb") as f:
             np.save(f, frames)
         tmp.replace(path)
+
+
+def cached_frames(
+    root: str | Path,
+    encoder: AudioEncoder,
+    utts: Sequence[Utterance],
+    max_seconds: float,
+    rank: int,
+) -> FrameCache:
+    """A cache holding the front frames of every utterance, filled by rank 0 where missing (the
+    other ranks of a `torchrun` job wait for it); the encoder is left in training mode."""
+    cache = FrameCache(root, encoder, max_seconds)
+    if rank == 0:
+        cache.fill(encoder, utts, next(encoder.parameters()).device)
+        encoder.train()
+    if dist.is_initialized():
+        dist.barrier()
+    return cache
 
 
 def length_batches(utts: Sequence[Utterance], seconds: float) -> list[list[Utterance]]:
