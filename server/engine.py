@@ -23,16 +23,16 @@ import torch
 from model.decoding import select_tokens
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM
-from server.engine_batch import Arena, PackedPrefill, SlotCache, make_prefill_mask
-from server.engine_decode import GQA_SDPA, lay_out_for_decode, make_decode_bias, use_gqa_attention
+from server.engine_batch import Arena, PackedPrefill, SlotCache
+from server.engine_decode import GQA_SDPA, lay_out_for_decode, use_gqa_attention
+from server.engine_forward import decode_step, prefill_chunk, prefill_packed
 from server.engine_request import EngineRequest, embed_from
-from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore, count_common_prefix
+from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
 from server.protocol import FinishReason
 
 log = logging.getLogger(__name__)
 
 Done = tuple[EngineRequest, FinishReason, BaseException | None]
-PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
 
 
 class Engine:
@@ -178,7 +178,7 @@ class Engine:
             if row:
                 return False
             raise MessageFormatError("the conversation does not fit in the worker's KV budget")
-        source, reuse = self._find_prefix(req)
+        source, reuse, req.supersedes = self.store.reusable(keys, req.session_key)
         if req.session_key is not None:
             self.store.free(req.session_key)  # the row holds it now
         self.arena.load(row, source.data[:, :, :, :reuse] if reuse else None)
@@ -191,20 +191,6 @@ class Engine:
     @property
     def rows_in_use(self) -> int:
         return len(self.decoding) + len(self.prefilling)
-
-    def _find_prefix(self, req: EngineRequest) -> tuple[KVEntry | None, int]:
-        """The cached KV sharing most leading positions with the prompt, and how many to reuse."""
-        keys = req.plan.keys
-        entry = self.store.get(req.session_key) if req.session_key is not None else None
-        if entry is not None:
-            return entry, min(count_common_prefix(entry.keys, keys), len(keys) - 1)
-        # stateless requests and new sessions: a cached stateless conversation (system prompt…)
-        name, reuse = self.store.find_prefix(keys)
-        entry = self.store.get(name) if name is not None else None
-        if entry is not None and reuse == entry.length and req.session_key is None:
-            req.supersedes = name  # the reply's cache will hold all of it and more
-        # at least one position is computed, for its logits
-        return entry, min(reuse, len(keys) - 1)
 
     # -- prefill ---------------------------------------------------------------------------
 
@@ -251,55 +237,23 @@ class Engine:
 
     def _prefill_chunk(self, req: EngineRequest, q_len: int) -> torch.Tensor | None:
         """One request's next `q_len` prompt positions; its logits [V] if the prompt is done."""
-        assert req.pending is not None
         start = len(req.row_keys)
-        embeds = req.pending[req.cursor : req.cursor + q_len][None]  # [1, Q, D]
-        self.cache.set_prefill(req.row, start, q_len)
-        positions = torch.arange(start, start + q_len, device=self.device)[None]  # [1, Q]
-        out = self.model(
-            inputs_embeds=embeds,
-            position_ids=positions,
-            attention_mask=make_prefill_mask(start, q_len, self.device),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._advance(req, start, q_len)
-        return out.logits[0, -1] if req.prefill_left == 0 else None  # [V]
+        logits = prefill_chunk(self.model, self.cache, req.row, start, req.next_chunk(q_len))
+        req.advance(q_len)
+        return logits if req.prefill_left == 0 else None  # [V]
 
     def _prefill_packed(self, plan: list[tuple[EngineRequest, int]]) -> dict:
-        """Several requests' chunks as one sequence [1, Q_total, D] (no padding)."""
-        packed, embeds, positions = PackedPrefill(self.arena), [], []
+        """Several requests' chunks as one sequence (no padding)."""
+        packed = PackedPrefill(self.arena)
         for req, q_len in plan:
-            assert req.pending is not None
-            start = len(req.row_keys)
-            packed.add(req.row, start, q_len)
-            embeds.append(req.pending[req.cursor : req.cursor + q_len])  # [Q, D]
-            positions.append(torch.arange(start, start + q_len, device=self.device))  # [Q]
-        self.cache.set_packed(packed)
+            packed.add(req.row, len(req.row_keys), q_len)
         self.peak_prefill_rows = max(self.peak_prefill_rows, len(plan))
-        hidden = self.model.model(
-            inputs_embeds=torch.cat(embeds)[None],  # [1, Q_total, D]
-            position_ids=torch.cat(positions)[None],  # [1, Q_total]
-            attention_mask=PACKED_MASK,  # unused: each segment brings its own
-            cache=self.cache,
-            use_cache=True,
-            packed_prefill=packed,
-        ).last_hidden_state[0]  # [Q_total, D]
-        done = []
-        for (req, q_len), seg in zip(plan, packed.segments, strict=True):
-            self._advance(req, seg.start, q_len)
-            if req.prefill_left == 0:
-                done.append((req, seg.hi - 1))
-        if not done:
-            return {}
-        last = hidden[torch.tensor([i for _, i in done], device=self.device)]  # [n, D]
-        logits = self.model.get_output_embeddings()(last)  # [n, V]
-        return {req: logits[i] for i, (req, _) in enumerate(done)}
-
-    def _advance(self, req: EngineRequest, start: int, q_len: int) -> None:
-        req.row_keys.extend(req.plan.keys[start : start + q_len])
-        req.cursor += q_len
+        done = [i for i, (req, q_len) in enumerate(plan) if q_len == req.prefill_left]
+        embeds = [req.next_chunk(q_len) for req, q_len in plan]  # [Q_i, D] each
+        logits = prefill_packed(self.model, self.cache, packed, embeds, done)  # [n, V]
+        for req, q_len in plan:
+            req.advance(q_len)
+        return {plan[i][0]: logits[j] for j, i in enumerate(done)}
 
     def _start_decoding(self, req: EngineRequest, logits: torch.Tensor) -> None:
         """A prompt is complete: its row joins the decoding rows and it takes its first token."""
@@ -379,17 +333,8 @@ class Engine:
     def _forward_decode(self, lo: int, hi: int) -> torch.Tensor:
         reqs = self.decoding[lo:hi]
         positions = [len(r.row_keys) for r in reqs]
-        ids = torch.tensor([[r.next_token] for r in reqs], device=self.device)  # [B, 1]
-        self.cache.set_decode(lo, hi, positions)
-        out = self.model(
-            input_ids=ids,
-            position_ids=self.cache.positions[:, None],
-            attention_mask=make_decode_bias(positions, self.llm.dtype, self.device),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return out.logits[:, -1]  # [B, V]
+        tokens = [r.next_token for r in reqs]
+        return decode_step(self.model, self.cache, lo, hi, positions, tokens, self.llm.dtype)
 
     def _sample(self, reqs: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """One token per row: greedy rows share one argmax, sampling rows use their generator."""

@@ -115,6 +115,17 @@ class EngineRequest:
     def prefill_left(self) -> int:
         return 0 if self.pending is None else self.pending.shape[0] - self.cursor
 
+    def advance(self, q_len: int) -> None:
+        """The next `q_len` prompt positions are in the row's cache now."""
+        start = len(self.row_keys)
+        self.row_keys.extend(self.plan.keys[start : start + q_len])
+        self.cursor += q_len
+
+    def next_chunk(self, q_len: int) -> torch.Tensor:
+        """The next `q_len` prompt embeddings still to prefill -> [Q, D]."""
+        assert self.pending is not None
+        return self.pending[self.cursor : self.cursor + q_len]
+
     @property
     def reply_text(self) -> str:
         return self.streamer.text

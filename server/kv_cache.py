@@ -144,6 +144,21 @@ class KVStore:
             self._entries.move_to_end(best)
         return best, best_len
 
+    def reusable(
+        self, keys: Sequence[PositionKey], session_key: str | None
+    ) -> tuple[KVEntry | None, int, str | None]:
+        """The cached KV to start a prompt from: (entry, positions to reuse, the stateless entry
+        the reply's cache will supersede). A session's own cache if it has one; otherwise (a
+        stateless request or a new session) the stateless conversation sharing most of it. At
+        least the last position is left to compute, for its logits."""
+        entry = self.get(session_key) if session_key is not None else None
+        if entry is not None:
+            return entry, min(count_common_prefix(entry.keys, keys), len(keys) - 1), None
+        name, reuse = self.find_prefix(keys)
+        entry = self.get(name) if name is not None else None
+        whole = entry is not None and reuse == entry.length and session_key is None
+        return entry, min(reuse, len(keys) - 1), name if whole else None
+
     def _trim_stateless(self) -> None:
         names = [k for k in self._entries if k.startswith(STATELESS_PREFIX)]
         for name in names[: max(0, len(names) - MAX_STATELESS_ENTRIES)]:

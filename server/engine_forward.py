@@ -1,0 +1,83 @@
+"""The engine's forward passes over arena rows: one prefill chunk, a packed prefill of several
+requests' chunks, and a batched decode step. Pure model calls; which rows run and what their
+results mean stay with the scheduler (server/engine.py).
+
+Dims: B decoding rows, Q chunk positions, D LLM width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine_batch import PackedPrefill, SlotCache, make_prefill_mask
+from server.engine_decode import make_decode_bias
+
+PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
+
+
+def prefill_chunk(
+    model: torch.nn.Module, cache: SlotCache, row: int, start: int, embeds: torch.Tensor
+) -> torch.Tensor:
+    """One row's chunk embeds [Q, D] written from column `start` -> logits [V] of its last one."""
+    q_len, device = embeds.shape[0], embeds.device
+    cache.set_prefill(row, start, q_len)
+    out = model(
+        inputs_embeds=embeds[None],  # [1, Q, D]
+        position_ids=torch.arange(start, start + q_len, device=device)[None],  # [1, Q]
+        attention_mask=make_prefill_mask(start, q_len, device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[0, -1]  # [V]
+
+
+def prefill_packed(
+    model: torch.nn.Module,
+    cache: SlotCache,
+    packed: PackedPrefill,
+    embeds: list[torch.Tensor],
+    logits_of: list[int],
+) -> torch.Tensor:
+    """Chunks [Q_i, D] of `packed`'s segments as one sequence -> logits [n, V] at the last
+    position of the segments listed in `logits_of` (those whose prompt ends here)."""
+    device = embeds[0].device
+    positions = [
+        torch.arange(seg.start, seg.start + seg.hi - seg.lo, device=device)  # [Q_i]
+        for seg in packed.segments
+    ]
+    cache.set_packed(packed)
+    hidden = model.model(
+        inputs_embeds=torch.cat(embeds)[None],  # [1, Q_total, D]
+        position_ids=torch.cat(positions)[None],  # [1, Q_total]
+        attention_mask=PACKED_MASK,  # unused: each segment brings its own
+        cache=cache,
+        use_cache=True,
+        packed_prefill=packed,
+    ).last_hidden_state[0]  # [Q_total, D]
+    last = [packed.segments[i].hi - 1 for i in logits_of]
+    return model.get_output_embeddings()(hidden[torch.tensor(last, device=device)])  # [n, V]
+
+
+def decode_step(
+    model: torch.nn.Module,
+    cache: SlotCache,
+    lo: int,
+    hi: int,
+    positions: list[int],
+    tokens: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Rows [lo, hi) feed `tokens` at `positions` -> logits [B, V]."""
+    device = cache.arena.device
+    ids = torch.tensor(tokens, device=device)[:, None]  # [B, 1]
+    cache.set_decode(lo, hi, positions)
+    out = model(
+        input_ids=ids,
+        position_ids=cache.positions[:, None],
+        attention_mask=make_decode_bias(positions, dtype, device),
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]  # [B, V]
