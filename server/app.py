@@ -76,6 +76,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch=settings.max_batch,
         prefill_chunk=settings.prefill_chunk,
         prefill_rows=settings.prefill_rows,
+        decode_step=settings.decode_step,
         num_threads=settings.num_threads,
     )
     await worker.start()

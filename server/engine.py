@@ -25,7 +25,9 @@ from model.errors import MessageFormatError
 from model.llm import LoadedLLM
 from server.engine_batch import Arena, PackedPrefill, SlotCache
 from server.engine_decode import GQA_SDPA, lay_out_for_decode, use_gqa_attention
-from server.engine_forward import decode_step, prefill_chunk, prefill_packed
+from server.engine_forward import decode_step as hf_decode_step
+from server.engine_forward import prefill_chunk, prefill_packed
+from server.engine_lean import LeanDecode, lean_support
 from server.engine_request import EngineRequest, embed_from
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
 from server.protocol import FinishReason
@@ -46,25 +48,20 @@ class Engine:
         max_batch: int,
         prefill_chunk: int,
         prefill_rows: int = 8,
+        decode_step: str = "lean",
         num_threads: int | None = None,
     ) -> None:
         cfg = llm.model.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.llm, self.model, self.store = llm, llm.model, store
-        lay_out_for_decode(self.model)
+        refused = lean_support(self.model) if decode_step == "lean" else "decode_step='hf'"
+        self.lean = LeanDecode(self.model) if refused is None else None
+        if refused:
+            log.info("decode step: transformers' forward (%s)", refused)
+        lay_out_for_decode(self.model)  # after fusing: lays out what LeanDecode left alone
         use_gqa_attention(self.model)
         self.num_threads = num_threads
         self.device = llm.device
-        self.arena = Arena(
-            store,
-            num_layers=cfg.num_hidden_layers,
-            num_kv_heads=heads,
-            head_dim=head_dim,
-            dtype=llm.dtype,
-            device=llm.device,
-            max_rows=max_batch,
-        )
+        self.arena = Arena.for_model(store, llm.model, max_rows=max_batch)
         self.cache = SlotCache(self.arena, cfg.num_hidden_layers)
         self.max_positions = cfg.max_position_embeddings
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, all prefilling requests
@@ -334,7 +331,9 @@ class Engine:
         reqs = self.decoding[lo:hi]
         positions = [len(r.row_keys) for r in reqs]
         tokens = [r.next_token for r in reqs]
-        return decode_step(self.model, self.cache, lo, hi, positions, tokens, self.llm.dtype)
+        if self.lean is not None:
+            return self.lean.step(self.arena, lo, hi, positions, tokens)
+        return hf_decode_step(self.model, self.cache, lo, hi, positions, tokens, self.llm.dtype)
 
     def _sample(self, reqs: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """One token per row: greedy rows share one argmax, sampling rows use their generator."""

@@ -166,6 +166,17 @@ class Arena:
         self.rows = 0
         self.capacity = 0
 
+    @classmethod
+    def for_model(cls, store: KVStore, model: torch.nn.Module, max_rows: int) -> Arena:
+        """An empty arena shaped for `model`'s layers, K/V heads, dtype and device."""
+        cfg = model.config
+        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            store, num_layers=cfg.num_hidden_layers, num_kv_heads=heads, head_dim=head_dim,
+            dtype=model.dtype, device=model.device, max_rows=max_rows,
+        )  # fmt: skip
+
     @property
     def bytes_per_position(self) -> int:
         num_layers, heads, head_dim = self.shape_lhd

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
         512, ge=1, description="prompt tokens prefilled per step, all requests together"
     )
     prefill_rows: int = Field(8, ge=1, description="requests prefilled side by side")
+    decode_step: Literal["lean", "hf"] = Field(
+        "lean", description="'lean': fused Llama step (other models use 'hf'); 'hf': transformers"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
     # generation defaults
     default_max_tokens: int = Field(256, ge=1, description="tokens when a request names none")

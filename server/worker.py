@@ -58,6 +58,7 @@ class Worker:
         max_batch: int = 32,
         prefill_chunk: int = 512,
         prefill_rows: int = 8,
+        decode_step: str = "lean",
         num_threads: int | None = None,
         stream_window_s: float = STREAM_WINDOW,
     ) -> None:
@@ -71,6 +72,7 @@ class Worker:
             max_batch=max_batch,
             prefill_chunk=prefill_chunk,
             prefill_rows=prefill_rows,
+            decode_step=decode_step,
             num_threads=num_threads,
         )
         self.max_sessions = max_sessions

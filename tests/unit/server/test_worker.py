@@ -96,11 +96,13 @@ def test_single_stateless_request_equals_generate(varied):
     assert usage.prompt_tokens == len(text_only_ids(render_prompt(varied.llm.tokenizer, turns)))
 
 
-def test_eight_batched_sessions_of_different_lengths_equal_generate(varied):
+@pytest.mark.parametrize("decode_step", ["lean", "hf"])
+def test_eight_batched_sessions_of_different_lengths_equal_generate(varied, decode_step):
     convs = [[user(f"Tell me about {TOPICS[i % 6]}. " * (1 + i))] for i in range(8)]
 
     async def main():
-        worker = await started(varied, max_batch=8, prefill_chunk=16)
+        worker = await started(varied, max_batch=8, prefill_chunk=16, decode_step=decode_step)
+        assert (worker.engine.lean is not None) == (decode_step == "lean")
         sids = [worker.open_session() for _ in convs]
         for sid, turns in zip(sids, convs, strict=True):
             await worker.append_messages(sid, turns)

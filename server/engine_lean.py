@@ -1,0 +1,224 @@
+"""A Llama decode step as plain tensor ops over the arena rows, with fused QKV and gate/up weights.
+
+Own step rather than the HF forward because a decode step of a small model is bound by streaming
+its weights plus per-op overhead: the HF modules' plumbing (cache objects, mask builders, kwargs
+through every layer) and MKL's fp32 GEMM, which on this project's CPUs falls to a third of the
+memory bandwidth for 2 to 16 rows. q/k/v and gate/up weights become views into one fused tensor
+each (no second copy; prefill, `generate` and training see the same parameters). On CPU, steps
+of several rows read a second copy of the weights in oneDNN's packed layout (`torch.ops.mkldnn`,
+the kernels inductor's CPU freezing pass uses): measured on SmolLM2, 2 cores, all 121
+projections of a step take 31 ms for 4 rows and 60 for 16, against 83 and 82 ms through
+`F.linear`; models over `PACK_MAX_BYTES` skip the copy. Used for Llama-architecture models only
+(`lean_support` says why another is refused); others keep the HF decode step.
+
+Dims: B decoding rows, H query heads, Hkv key/value heads, K key positions, Dh head width,
+D LLM width, I MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from server.engine_batch import Arena
+from server.engine_decode import make_decode_bias
+
+log = logging.getLogger(__name__)
+
+LEAN_MODEL_TYPES = ("llama",)  # configs whose decoder layer is exactly Llama's
+PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well with it)
+PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
+PACK_DTYPES = (torch.float32, torch.bfloat16)
+# one row goes through MKL's GEMV: from a thread other than the main one, oneDNN's OpenMP
+# regions lose more to waking their workers than its kernel gains (measured 48 vs 42 ms a step)
+PACK_MIN_ROWS = 2
+
+
+class DecodeLinear:
+    """x [B, in] -> x W^T + b [B, out] for decode rows: W itself (an [out, in] view), and on
+    CPU also oneDNN's packed copy of W for steps of `PACK_MIN_ROWS` rows or more."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+        self.weight = weight  # [out, in]
+        self.bias = bias  # [out] or None
+        self.packed = (  # a copy in oneDNN's blocked layout, tuned for up to PACK_ROWS rows
+            torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+            if pack
+            else None
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] >= PACK_MIN_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class LeanLayer:
+    """One decoder layer as the step runs it."""
+
+    norm_in: torch.nn.Module
+    norm_post: torch.nn.Module
+    qkv: DecodeLinear  # D -> (H + 2 Hkv) Dh
+    o_proj: DecodeLinear  # H Dh -> D
+    gate_up: DecodeLinear  # D -> 2 I
+    down_proj: DecodeLinear  # I -> D
+    act: torch.nn.Module
+    scaling: float
+
+
+def lean_support(model: torch.nn.Module) -> str | None:
+    """None when `LeanDecode` can run this model, else why not."""
+    cfg = model.config
+    if cfg.model_type not in LEAN_MODEL_TYPES:
+        return f"model type {cfg.model_type!r} is not one of {LEAN_MODEL_TYPES}"
+    if getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
+        return "no model.layers / model.rotary_emb"
+    return None
+
+
+def should_pack(model: torch.nn.Module) -> bool:
+    """oneDNN-packed decode weights: CPU, fp32/bf16, oneDNN present, not too big to copy."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (
+        model.device.type == "cpu"
+        and model.dtype in PACK_DTYPES
+        and torch.backends.mkldnn.is_available()
+        and weight_bytes <= PACK_MAX_BYTES
+    )
+
+
+def fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Store several Linears' weights in one tensor and point each Linear at its slice.
+
+    Returns the fused weight [sum(out), in] (on CPU a transposed view: its storage is
+    [in, sum(out)], the layout MKL's GEMV streams fastest) and the fused bias (None when
+    none has one)."""
+    parts = [lin.weight.detach() for lin in linears]  # [out_i, in]
+    with torch.no_grad():
+        if parts[0].device.type == "cpu":
+            fused = torch.cat([w.t() for w in parts], dim=1).contiguous().t()  # [sum(out), in]
+        else:
+            fused = torch.cat(parts).contiguous()  # [sum(out), in]
+        row = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight.data = fused[row : row + n]  # [out_i, in] view, same values
+            row += n
+    return fused, concat_biases(linears)
+
+
+def concat_biases(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """The Linears' biases end to end [sum(out)] (zeros for one without); None if none has."""
+    if all(lin.bias is None for lin in linears):
+        return None
+    return torch.cat([
+        lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
+        for lin in linears
+    ])  # fmt: skip
+
+
+def decode_linear(linears: list[torch.nn.Linear], pack: bool) -> DecodeLinear:
+    """One `DecodeLinear` computing the given Linears side by side (outputs concatenated)."""
+    if len(linears) == 1:  # the Parameter itself: a later re-layout (lay_out_for_decode) shows
+        return DecodeLinear(linears[0].weight, linears[0].bias, pack)
+    return DecodeLinear(*fuse_linears(linears), pack)
+
+
+class LeanDecode:
+    """One decode step for rows [lo, hi) of the arena: feed a token per row, get its logits."""
+
+    def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
+        """`pack`: keep oneDNN-packed weight copies for batched steps (default: `should_pack`)."""
+        reason = lean_support(model)
+        if reason is not None:
+            raise ValueError(f"lean decode does not support this model: {reason}")
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.embed = model.get_input_embeddings()
+        self.rotary = model.model.rotary_emb
+        self.norm = model.model.norm
+        self.packed = should_pack(model) if pack is None else pack
+        self.lm_head = decode_linear([model.get_output_embeddings()], self.packed)
+        self.layers = [self._layer(layer, self.packed) for layer in model.model.layers]
+        log.info(
+            "lean decode step: %d layers, %s", len(self.layers),
+            "q/k/v and gate/up fused in place"
+            + (", oneDNN-packed weight copy for batches" if self.packed else ""),
+        )  # fmt: skip
+
+    @staticmethod
+    def _layer(layer: torch.nn.Module, pack: bool) -> LeanLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return LeanLayer(
+            norm_in=layer.input_layernorm,
+            norm_post=layer.post_attention_layernorm,
+            qkv=decode_linear([attn.q_proj, attn.k_proj, attn.v_proj], pack),
+            o_proj=decode_linear([attn.o_proj], pack),
+            gate_up=decode_linear([mlp.gate_proj, mlp.up_proj], pack),
+            down_proj=decode_linear([mlp.down_proj], pack),
+            act=mlp.act_fn,
+            scaling=attn.scaling,
+        )
+
+    @torch.inference_mode()
+    def step(
+        self, arena: Arena, lo: int, hi: int, positions: list[int], tokens: list[int]
+    ) -> torch.Tensor:
+        """Rows [lo, hi) feed `tokens` at `positions` (their K/V land there) -> logits [B, V]."""
+        device, rows = arena.device, hi - lo
+        ids = torch.tensor(tokens, device=device)  # [B]
+        pos = torch.tensor(positions, device=device)  # [B]
+        x = self.embed(ids)  # [B, D]
+        cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
+        bias = make_decode_bias(positions, x.dtype, device)  # [B, 1, 1, K] or None
+        where = (
+            (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
+        )  # (row, column) of each row's new K/V
+        k_len = max(positions) + 1
+        for i, layer in enumerate(self.layers):
+            kv = arena.data[i]  # [2, R, Hkv, C, Dh]
+            x = x + self._attend(layer, layer.norm_in(x), kv, where, lo, hi, k_len, bias, cos, sin)
+            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)  # [B, I] each
+            x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
+        return self.lm_head(self.norm(x))  # [B, V]
+
+    def _attend(
+        self,
+        layer: LeanLayer,
+        h: torch.Tensor,
+        kv: torch.Tensor,
+        where: tuple,
+        lo: int,
+        hi: int,
+        k_len: int,
+        bias: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor:
+        """Self-attention of one new position per row over its cached row -> [B, D]."""
+        rows, dh = h.shape[0], self.head_dim
+        qkv = layer.qkv(h)  # [B, (H + 2 Hkv) Dh]
+        q, k, v = (
+            qkv.view(rows, 1, -1, dh)
+            .transpose(1, 2)
+            .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        )  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # same shapes
+        row, col = where
+        kv[0, row, :, col] = k[:, :, 0] if rows > 1 else k[0, :, 0]  # [B, Hkv, Dh] / [Hkv, Dh]
+        kv[1, row, :, col] = v[:, :, 0] if rows > 1 else v[0, :, 0]
+        out = F.scaled_dot_product_attention(
+            q, kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len], attn_mask=bias,
+            scale=layer.scaling, enable_gqa=self.kv_heads != self.heads,
+        )  # [B, H, 1, Dh]  # fmt: skip
+        return layer.o_proj(out.reshape(rows, self.heads * dh))  # [B, D]

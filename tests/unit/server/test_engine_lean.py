@@ -1,0 +1,64 @@
+"""The lean decode step: fusing weights leaves the model's outputs alone, a step over arena rows
+of different lengths gives the transformers forward's logits, and other models are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+from server.engine_batch import Arena
+from server.engine_lean import LeanDecode, lean_support
+from server.kv_cache import KVStore
+from tests.tiny import TINY_LLAMA
+
+VOCAB = 96
+LENGTHS = (5, 9, 13)  # tokens per row; rows decode together at different positions
+
+
+def tiny_model(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, **{**TINY_LLAMA, **overrides})
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def test_fused_weights_are_views_and_outputs_stay():
+    model = tiny_model()
+    ids = torch.randint(0, VOCAB, (2, 11))
+    before = model(ids).logits  # [2, T, V]
+    lean = LeanDecode(model, pack=False)  # the in-place fused layout (CUDA's)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    fused = lean.layers[0].qkv.weight  # [(H + 2 Hkv) Dh, D]
+    assert q_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}]
+)
+@pytest.mark.parametrize("pack", [True, False], ids=["onednn-packed", "fused-in-place"])
+def test_step_over_rows_of_different_lengths_equals_forward(overrides, pack):
+    model = tiny_model(**overrides)
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
+    expected = torch.stack([model(s[None]).logits[0, -1] for s in seqs])  # [3, V]
+    lean = LeanDecode(model, pack=pack)
+    assert lean.packed == pack
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
+    assert arena.ensure(len(seqs), max(LENGTHS))
+    with torch.inference_mode():
+        for row, seq in enumerate(seqs):  # each row's prefix alone: the one-row path
+            for pos, token in enumerate(seq[:-1].tolist()):
+                lean.step(arena, row, row + 1, [pos], [token])
+        # the last tokens together: the batched path with a mask per row
+        got = lean.step(arena, 0, 3, [n - 1 for n in LENGTHS], [int(s[-1]) for s in seqs])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_architectures_are_refused():
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=VOCAB, sliding_window=None, **TINY_LLAMA)
+    model = MistralForCausalLM(cfg).eval()
+    assert "mistral" in lean_support(model)
+    with pytest.raises(ValueError, match="does not support"):
+        LeanDecode(model)
+    assert lean_support(tiny_model()) is None
