@@ -33,12 +33,9 @@ LEAN_MODEL_TYPES = ("llama",)  # configs whose decoder layer is exactly Llama's
 PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well with it)
 PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-# one row goes through MKL's GEMV: from a thread other than the main one, oneDNN's OpenMP
-# regions lose more to waking their workers than its kernel gains (measured 48 vs 42 ms a step)
+# one row goes through MKL's GEMV: on the engine thread (not the main one) oneDNN's OpenMP regions
+# lose what its kernel gains (SmolLM2, 2 cores, three runs: 45-60 ms a step vs 45-49 with MKL)
 PACK_MIN_ROWS = 2
-# a one-row CPU step runs on one thread: MKL's GEMV barely uses a second one, and the small ops'
-# OpenMP regions cost more than they save off the main thread (measured 42 vs 45-52 ms a step)
-SINGLE_ROW_THREADS = 1
 
 
 class DecodeLinear:
@@ -178,18 +175,6 @@ class LeanDecode:
         self, arena: Arena, lo: int, hi: int, positions: list[int], tokens: list[int]
     ) -> torch.Tensor:
         """Rows [lo, hi) feed `tokens` at `positions` (their K/V land there) -> logits [B, V]."""
-        if hi - lo > 1 or arena.device.type != "cpu" or torch.get_num_threads() == 1:
-            return self._step(arena, lo, hi, positions, tokens)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(SINGLE_ROW_THREADS)
-        try:
-            return self._step(arena, lo, hi, positions, tokens)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _step(
-        self, arena: Arena, lo: int, hi: int, positions: list[int], tokens: list[int]
-    ) -> torch.Tensor:
         device, rows = arena.device, hi - lo
         ids = torch.tensor(tokens, device=device)  # [B]
         pos = torch.tensor(positions, device=device)  # [B]
