@@ -31,7 +31,7 @@ from model.speech_llm import SpeechLLM  # noqa: E402
 from server.protocol import GenerateRequest, TextDelta, Usage  # noqa: E402
 from server.worker import Worker  # noqa: E402
 
-REPEATS = 3  # single-stream figures are the median of this many runs
+REPEATS = 3  # single-stream and TTFT figures are the median of this many runs
 AUDIO_SECONDS = 5.0  # s per spoken turn
 EMBEDDING_RATE = 12.5  # audio embeddings per second (80 ms each)
 LLAMA2_7B = dict(
@@ -145,12 +145,16 @@ async def single_stream(worker: Worker, n: int) -> dict[str, float]:
     return sorted(runs, key=lambda r: r["rate"])[REPEATS // 2]
 
 
-async def audio_ttft(worker: Worker, llm: LoadedLLM, reply_tokens: int) -> dict[str, float]:
-    """TTFT of a 5 s audio turn at turns 1 and 10: session (cache reuse) vs full re-prefill."""
+async def audio_ttft(
+    worker: Worker, llm: LoadedLLM, reply_tokens: int, session: int
+) -> dict[str, float]:
+    """TTFT of a 5 s audio turn at turns 1 and 10: session (cache reuse) vs full re-prefill.
+    Each `session` number hears its own audio, so no run finds another's cached prefix."""
     sid = worker.open_session(system_prompt="You are a helpful voice assistant.")
     out = {}
     for turn in range(1, 11):
-        await worker.append_messages(sid, [audio_turn(llm.hidden_size, turn, llm.device)])
+        audio = audio_turn(llm.hidden_size, 100 * session + turn, llm.device)
+        await worker.append_messages(sid, [audio])
         turns = list(worker._sessions[sid].turns)
         # the session first: a stateless copy run before it would hand it a warm prefix
         result = await run_request(worker, reply_tokens, session_id=sid)
@@ -192,7 +196,8 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     await worker.start()
     await run_request(worker, 4, messages=STORY)  # warm-up
     single = await single_stream(worker, args.tokens)
-    ttft = await audio_ttft(worker, speech_llm.llm, args.reply_tokens)
+    runs = [await audio_ttft(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
+    ttft = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     conc = {s: await concurrency(worker, s, args.tokens) for s in (1, 4, 16)}
     await worker.stop()
     # the same 16 sessions with prompts prefilled one at a time (no packed prefill)

@@ -150,10 +150,10 @@ class LeanDecode:
         self.packed = should_pack(model) if pack is None else pack
         self.lm_head = decode_linear([model.get_output_embeddings()], self.packed)
         self.layers = [self._layer(layer, self.packed) for layer in model.model.layers]
+        copy_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
         log.info(
-            "lean decode step: %d layers, %s", len(self.layers),
-            "q/k/v and gate/up fused in place"
-            + (", oneDNN-packed weight copy for batches" if self.packed else ""),
+            "lean decode step: %d layers, q/k/v and gate/up fused in place%s", len(self.layers),
+            f", oneDNN-packed weight copy for batches (+{copy_mb:.0f} MB)" if self.packed else "",
         )  # fmt: skip
 
     @staticmethod
