@@ -25,8 +25,7 @@ from model.errors import MessageFormatError
 from model.llm import LoadedLLM
 from server.engine_batch import Arena, PackedPrefill, SlotCache
 from server.engine_decode import GQA_SDPA, lay_out_for_decode, use_gqa_attention
-from server.engine_forward import decode_step as hf_decode_step
-from server.engine_forward import prefill_chunk, prefill_packed
+from server.engine_forward import decode_step, prefill_chunk, prefill_packed
 from server.engine_lean import LeanDecode, lean_support
 from server.engine_request import EngineRequest, embed_from
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
@@ -66,8 +65,8 @@ class Engine:
         self.max_positions = cfg.max_position_embeddings
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, all prefilling requests
         self.prefill_rows = prefill_rows  # requests prefilled side by side
-        # several chunks in one forward need our attention function (flash/eager: one by one)
-        self.packed_ok = self.model.config._attn_implementation == GQA_SDPA
+        # several chunks in one forward: the lean step, or HF with our attention function
+        self.packed_ok = self.lean is not None or self.model.config._attn_implementation == GQA_SDPA
         self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.waiting: deque[EngineRequest] = deque()
         self.prefilling: list[EngineRequest] = []  # rows len(decoding) .. (in any order)
@@ -216,7 +215,7 @@ class Engine:
     ) -> tuple[dict[EngineRequest, torch.Tensor], dict[EngineRequest, BaseException]]:
         """Run the planned chunks; logits [V] of requests whose prompt is now complete. A batch
         that fails is retried request by request, so a bad prompt fails alone."""
-        if self.packed_ok and len(plan) > 1:
+        if self.packed_ok and (len(plan) > 1 or self.lean is not None):
             try:
                 return self._prefill_packed(plan), {}
             except Exception as err:
@@ -247,7 +246,7 @@ class Engine:
         self.peak_prefill_rows = max(self.peak_prefill_rows, len(plan))
         done = [i for i, (req, q_len) in enumerate(plan) if q_len == req.prefill_left]
         embeds = [req.next_chunk(q_len) for req, q_len in plan]  # [Q_i, D] each
-        logits = prefill_packed(self.model, self.cache, packed, embeds, done)  # [n, V]
+        logits = prefill_packed(self.model, self.cache, packed, embeds, done, self.lean)  # [n, V]
         for req, q_len in plan:
             req.advance(q_len)
         return {plan[i][0]: logits[j] for j, i in enumerate(done)}
@@ -331,9 +330,8 @@ class Engine:
         reqs = self.decoding[lo:hi]
         positions = [len(r.row_keys) for r in reqs]
         tokens = [r.next_token for r in reqs]
-        if self.lean is not None:
-            return self.lean.step(self.arena, lo, hi, positions, tokens)
-        return hf_decode_step(self.model, self.cache, lo, hi, positions, tokens, self.llm.dtype)
+        dtype = self.llm.dtype
+        return decode_step(self.model, self.cache, lo, hi, positions, tokens, dtype, self.lean)
 
     def _sample(self, reqs: list[EngineRequest], logits: torch.Tensor) -> list[int]:
         """One token per row: greedy rows share one argmax, sampling rows use their generator."""

@@ -1,5 +1,6 @@
 """The engine's forward passes over arena rows: one prefill chunk, a packed prefill of several
-requests' chunks, and a batched decode step. Pure model calls; which rows run and what their
+requests' chunks, and a batched decode step: transformers' forward, or the lean Llama step
+(server/engine_lean.py) when the engine has one. Pure model calls; which rows run and what their
 results mean stay with the scheduler (server/engine.py).
 
 Dims: B decoding rows, Q chunk positions, D LLM width, V vocabulary.
@@ -11,6 +12,7 @@ import torch
 
 from server.engine_batch import PackedPrefill, SlotCache, make_prefill_mask
 from server.engine_decode import make_decode_bias
+from server.engine_lean import LeanDecode
 
 PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
 
@@ -38,9 +40,13 @@ def prefill_packed(
     packed: PackedPrefill,
     embeds: list[torch.Tensor],
     logits_of: list[int],
+    lean: LeanDecode | None = None,
 ) -> torch.Tensor:
     """Chunks [Q_i, D] of `packed`'s segments as one sequence -> logits [n, V] at the last
-    position of the segments listed in `logits_of` (those whose prompt ends here)."""
+    position of the segments listed in `logits_of` (those whose prompt ends here); through
+    `lean`'s own layers when given."""
+    if lean is not None:
+        return lean.prefill(cache.arena, packed, embeds, logits_of)
     device = embeds[0].device
     positions = [
         torch.arange(seg.start, seg.start + seg.hi - seg.lo, device=device)  # [Q_i]
@@ -56,7 +62,8 @@ def prefill_packed(
         packed_prefill=packed,
     ).last_hidden_state[0]  # [Q_total, D]
     last = [packed.segments[i].hi - 1 for i in logits_of]
-    return model.get_output_embeddings()(hidden[torch.tensor(last, device=device)])  # [n, V]
+    index = torch.tensor(last, dtype=torch.long, device=device)  # [n]
+    return model.get_output_embeddings()(hidden[index])  # [n, V]
 
 
 def decode_step(
@@ -67,8 +74,11 @@ def decode_step(
     positions: list[int],
     tokens: list[int],
     dtype: torch.dtype,
+    lean: LeanDecode | None = None,
 ) -> torch.Tensor:
-    """Rows [lo, hi) feed `tokens` at `positions` -> logits [B, V]."""
+    """Rows [lo, hi) feed `tokens` at `positions` -> logits [B, V] (through `lean` if given)."""
+    if lean is not None:
+        return lean.step(cache.arena, lo, hi, positions, tokens)
     device = cache.arena.device
     ids = torch.tensor(tokens, device=device)[:, None]  # [B, 1]
     cache.set_decode(lo, hi, positions)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.engine_batch import Arena
+from server.engine_batch import Arena, PackedPrefill
 from server.engine_decode import make_decode_bias
 
 log = logging.getLogger(__name__)
@@ -181,44 +181,78 @@ class LeanDecode:
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
         bias = make_decode_bias(positions, x.dtype, device)  # [B, 1, 1, K] or None
-        where = (
-            (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
-        )  # (row, column) of each row's new K/V
+        row, col = (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
         k_len = max(positions) + 1
-        for i, layer in enumerate(self.layers):
-            kv = arena.data[i]  # [2, R, Hkv, C, Dh]
-            x = x + self._attend(layer, layer.norm_in(x), kv, where, lo, hi, k_len, bias, cos, sin)
-            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)  # [B, I] each
-            x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
-        return self.lm_head(self.norm(x))  # [B, V]
 
-    def _attend(
+        def attend(layer: LeanLayer, h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+            kv[0, row, :, col] = k[:, :, 0] if rows > 1 else k[0, :, 0]  # [B, Hkv, Dh] / [Hkv, Dh]
+            kv[1, row, :, col] = v[:, :, 0] if rows > 1 else v[0, :, 0]
+            out = F.scaled_dot_product_attention(
+                q, kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len], attn_mask=bias,
+                scale=layer.scaling, enable_gqa=self.kv_heads != self.heads,
+            )  # [B, H, 1, Dh]  # fmt: skip
+            return layer.o_proj(out.reshape(rows, -1))  # [B, D]
+
+        return self.lm_head(self.norm(self._layers(arena, x, attend)))  # [B, V]
+
+    @torch.inference_mode()
+    def prefill(
         self,
-        layer: LeanLayer,
-        h: torch.Tensor,
-        kv: torch.Tensor,
-        where: tuple,
-        lo: int,
-        hi: int,
-        k_len: int,
-        bias: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        arena: Arena,
+        packed: PackedPrefill,
+        embeds: list[torch.Tensor],
+        logits_of: list[int],
     ) -> torch.Tensor:
-        """Self-attention of one new position per row over its cached row -> [B, D]."""
-        rows, dh = h.shape[0], self.head_dim
-        qkv = layer.qkv(h)  # [B, (H + 2 Hkv) Dh]
+        """Chunks [Q_i, D] of `packed`'s segments as one sequence; each segment's K/V land in its
+        row -> logits [n, V] at the last position of the segments listed in `logits_of`."""
+        device = arena.device
+        x = torch.cat(embeds)  # [N, D]
+        pos = torch.cat([
+            torch.arange(seg.start, seg.start + seg.hi - seg.lo, device=device)
+            for seg in packed.segments
+        ])  # [N]  # fmt: skip
+
+        cos, sin = self.rotary(x, pos[None])  # [1, N, Dh] each
+
+        def attend(layer: LeanLayer, h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            q, k, v = self._qkv(layer, h[None], cos, sin)  # [1, H, N, Dh], [1, Hkv, N, Dh] x2
+            outs = []
+            for seg in packed.segments:
+                end = seg.start + seg.hi - seg.lo
+                kv[0, seg.row, :, seg.start : end] = k[0, :, seg.lo : seg.hi]  # [Hkv, Q, Dh]
+                kv[1, seg.row, :, seg.start : end] = v[0, :, seg.lo : seg.hi]
+                keys = kv[:, seg.row : seg.row + 1, :, :end]  # [2, 1, Hkv, K, Dh]
+                outs.append(F.scaled_dot_product_attention(
+                    q[:, :, seg.lo : seg.hi], keys[0], keys[1], attn_mask=seg.mask,
+                    scale=layer.scaling, enable_gqa=self.kv_heads != self.heads,
+                ))  # [1, H, Q, Dh]  # fmt: skip
+            out = torch.cat(outs, dim=2)[0].transpose(0, 1)  # [N, H, Dh]
+            return layer.o_proj(out.reshape(x.shape[0], -1))  # [N, D]
+
+        hidden = self._layers(arena, x, attend)  # [N, D]
+        last = [packed.segments[i].hi - 1 for i in logits_of]
+        last = torch.tensor(last, dtype=torch.long, device=device)  # [n]
+        return self.lm_head(self.norm(hidden[last]))  # [n, V]
+
+    def _layers(self, arena: Arena, x: torch.Tensor, attend) -> torch.Tensor:
+        """x [N, D] through every decoder layer; `attend(layer, normed, kv)` -> [N, D]."""
+        for i, layer in enumerate(self.layers):
+            x = x + attend(layer, layer.norm_in(x), arena.data[i])  # kv: [2, R, Hkv, C, Dh]
+            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)  # [N, I] each
+            x = x + layer.down_proj(layer.act(gate) * up)  # [N, D]
+        return x
+
+    def _qkv(
+        self, layer: LeanLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """h [B, T, D] -> rotated q [B, H, T, Dh], rotated k and v [B, Hkv, T, Dh]."""
+        b, t, _ = h.shape
+        qkv = layer.qkv(h.reshape(b * t, -1))  # [B T, (H + 2 Hkv) Dh]
         q, k, v = (
-            qkv.view(rows, 1, -1, dh)
+            qkv.view(b, t, -1, self.head_dim)
             .transpose(1, 2)
             .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
-        )  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+        )  # [B, H, T, Dh], [B, Hkv, T, Dh] x2
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # same shapes
-        row, col = where
-        kv[0, row, :, col] = k[:, :, 0] if rows > 1 else k[0, :, 0]  # [B, Hkv, Dh] / [Hkv, Dh]
-        kv[1, row, :, col] = v[:, :, 0] if rows > 1 else v[0, :, 0]
-        out = F.scaled_dot_product_attention(
-            q, kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len], attn_mask=bias,
-            scale=layer.scaling, enable_gqa=self.kv_heads != self.heads,
-        )  # [B, H, 1, Dh]  # fmt: skip
-        return layer.o_proj(out.reshape(rows, self.heads * dh))  # [B, D]
+        return q, k, v

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from server.engine_batch import Arena
+from server.engine_batch import Arena, PackedPrefill
 from server.engine_lean import LeanDecode, lean_support
 from server.kv_cache import KVStore
 from tests.tiny import TINY_LLAMA
@@ -62,3 +62,31 @@ def test_other_architectures_are_refused():
     with pytest.raises(ValueError, match="does not support"):
         LeanDecode(model)
     assert lean_support(tiny_model()) is None
+
+
+@pytest.mark.parametrize("pack", [True, False], ids=["onednn-packed", "fused-in-place"])
+def test_packed_prefill_then_decode_equals_forward(pack):
+    """Three prompts prefilled as one sequence (one of them continuing an earlier chunk in its
+    row), then one decode step for all: the forward's logits at every stage."""
+    model = tiny_model()
+    seqs = [torch.randint(0, VOCAB, (n + 1,)) for n in LENGTHS]  # the last token is decoded
+    lean = LeanDecode(model, pack=pack)
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
+    assert arena.ensure(len(seqs), max(LENGTHS) + 1)
+    embed = model.get_input_embeddings()
+    with torch.inference_mode():
+        first = PackedPrefill(arena)
+        first.add(2, 0, 6)  # row 2's first chunk alone; no prompt ends here
+        assert lean.prefill(arena, first, [embed(seqs[2][:6])], []).shape[0] == 0
+        packed = PackedPrefill(arena)
+        chunks = []
+        for row, seq in enumerate(seqs):
+            start = 6 if row == 2 else 0
+            packed.add(row, start, len(seq) - 1 - start)
+            chunks.append(embed(seq[start:-1]))  # [Q_i, D]
+        prompt_logits = lean.prefill(arena, packed, chunks, [0, 1, 2])  # [3, V]
+        step_logits = lean.step(arena, 0, 3, list(LENGTHS), [int(s[-1]) for s in seqs])
+    for row, seq in enumerate(seqs):
+        ref = model(seq[None]).logits[0]  # [T, V]
+        torch.testing.assert_close(prompt_logits[row], ref[-2], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step_logits[row], ref[-1], rtol=1e-4, atol=1e-4)

@@ -117,14 +117,18 @@ def test_eight_batched_sessions_of_different_lengths_equal_generate(varied, deco
         assert text == reference_text(varied, turns, 20)
 
 
-def test_packed_prefill_of_many_prompts_equals_generate(varied):
+@pytest.mark.parametrize("decode_step", ["lean", "hf"])
+def test_packed_prefill_of_many_prompts_equals_generate(varied, decode_step, caplog):
     """Prompts admitted together are prefilled as one packed sequence, shared token budget."""
     convs = [[user(f"Say something about {TOPICS[i % 6]}. " * (1 + i % 3))] for i in range(6)]
+    caplog.set_level("INFO", logger="server.engine")
 
     async def main():
         results = {}
         for chunk in (4096, 24):  # all prompts in one step; then a budget they must share
-            worker = await started(varied, max_batch=8, prefill_chunk=chunk, prefill_rows=6)
+            worker = await started(
+                varied, max_batch=8, prefill_chunk=chunk, prefill_rows=6, decode_step=decode_step
+            )
             sids = [worker.open_session() for _ in convs]
             for sid, turns in zip(sids, convs, strict=True):
                 await worker.append_messages(sid, turns)
@@ -137,6 +141,7 @@ def test_packed_prefill_of_many_prompts_equals_generate(varied):
         assert peak >= 2  # several prompts really shared a forward pass
         for text, turns in zip(texts, convs, strict=True):
             assert text == reference_text(varied, turns, 8)
+    assert "packed prefill failed" not in caplog.text  # no step fell back to one by one
 
 
 def test_turn_five_with_cache_reuse_equals_full_reprefill(varied):
