@@ -170,7 +170,7 @@ class Engine:
         if req.session_key is not None:
             self.store.get(req.session_key)  # most recently used: evict others first
         row = self.rows_in_use
-        if not self.arena.ensure(row + 1, len(keys) + 1):
+        if not self.arena.ensure(row + 1, len(keys) + 1, idle=row == 0):
             if row:
                 return False
             raise MessageFormatError("the conversation does not fit in the worker's KV budget")

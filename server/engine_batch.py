@@ -186,12 +186,17 @@ class Arena:
     def nbytes(self) -> int:
         return self.rows * self.capacity * self.bytes_per_position
 
-    def ensure(self, rows: int, length: int) -> bool:
-        """Make room for `rows` rows of `length` positions each; False when the budget refuses."""
+    def ensure(self, rows: int, length: int, idle: bool = False) -> bool:
+        """Make room for `rows` rows of `length` positions each; False when the budget refuses.
+        `idle` (no row in use): an arena longer than `length` needs is dropped first, so a
+        long past conversation does not make every later row that long (and slow to grow)."""
+        needed_cap = -(-length // ARENA_GROW) * ARENA_GROW
+        if idle and self.capacity > needed_cap:
+            self.drop()
         if rows <= self.rows and length <= self.capacity:
             return True
         new_rows = max(self.rows, min(self.max_rows, 1 << max(0, rows - 1).bit_length()))
-        new_cap = max(self.capacity, -(-length // ARENA_GROW) * ARENA_GROW)
+        new_cap = max(self.capacity, needed_cap)
         extra = new_rows * new_cap * self.bytes_per_position
         if not self.store.reserve(extra):  # old and new both live while copying
             return False

@@ -1,5 +1,6 @@
 """The lean decode step: fusing weights leaves the model's outputs alone, a step over arena rows
-of different lengths gives the transformers forward's logits, and other models are refused."""
+of different lengths and a packed prefill give the transformers forward's logits, other models
+are refused, and an idle arena shrinks to the next request."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from server.engine_batch import Arena, PackedPrefill
+from server.engine_batch import ARENA_GROW, Arena, PackedPrefill
 from server.engine_lean import LeanDecode, lean_support
 from server.kv_cache import KVStore
 from tests.tiny import TINY_LLAMA
@@ -90,3 +91,17 @@ def test_packed_prefill_then_decode_equals_forward(pack):
         ref = model(seq[None]).logits[0]  # [T, V]
         torch.testing.assert_close(prompt_logits[row], ref[-2], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(step_logits[row], ref[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_an_idle_arena_shrinks_to_the_next_request():
+    """After a long conversation, a short request on an idle engine does not inherit its length
+    (every row it later adds would be that long), and the KV budget gets the bytes back."""
+    store = KVStore(1 << 30)
+    arena = Arena.for_model(store, tiny_model(), max_rows=4)
+    assert arena.ensure(1, 1000) and arena.capacity == 1024
+    long_bytes = store.used_bytes
+    assert arena.ensure(2, 40)  # busy (not idle): grows rows, keeps length
+    assert (arena.rows, arena.capacity) == (2, 1024)
+    assert arena.ensure(1, 40, idle=True)
+    assert (arena.rows, arena.capacity) == (1, ARENA_GROW)
+    assert store.used_bytes == arena.nbytes < long_bytes
