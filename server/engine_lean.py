@@ -1,18 +1,21 @@
-"""A Llama decode step as plain tensor ops over the arena rows, with fused QKV and gate/up weights.
+"""Llama decode steps and packed prefills as plain tensor ops over the arena rows, with fused
+q/k/v and gate/up weights.
 
-Own step rather than the HF forward because a decode step of a small model is bound by streaming
+Own forward rather than the HF one because a decode step of a small model is bound by streaming
 its weights plus per-op overhead: the HF modules' plumbing (cache objects, mask builders, kwargs
 through every layer) and MKL's fp32 GEMM, which on this project's CPUs falls to a third of the
 memory bandwidth for 2 to 16 rows. q/k/v and gate/up weights become views into one fused tensor
-each (no second copy; prefill, `generate` and training see the same parameters). On CPU, steps
-of several rows read a second copy of the weights in oneDNN's packed layout (`torch.ops.mkldnn`,
-the kernels inductor's CPU freezing pass uses): measured on SmolLM2, 2 cores, all 121
-projections of a step take 31 ms for 4 rows and 60 for 16, against 83 and 82 ms through
-`F.linear`; models over `PACK_MAX_BYTES` skip the copy. Used for Llama-architecture models only
-(`lean_support` says why another is refused); others keep the HF decode step.
+each (no second copy; HF's forward, `generate` and training see the same parameters). On CPU,
+several rows (a batched step, a prefill chunk) read a second copy of the weights in oneDNN's
+packed layout (`torch.ops.mkldnn`, the kernels inductor's CPU freezing pass uses): measured on
+SmolLM2, 2 cores, all 121 projections take 31 ms for 4 rows and 60 for 16, against 83 and 82 ms
+through `F.linear`, and 46 vs 62 ms for a 128-token chunk (per 10 layers); models over
+`PACK_MAX_BYTES` skip the copy. Used for Llama-architecture models only (`lean_support` says why
+another is refused); others keep the HF forward.
 
-Dims: B decoding rows, H query heads, Hkv key/value heads, K key positions, Dh head width,
-D LLM width, I MLP width, V vocabulary.
+Dims: B decoding rows, N prefill tokens (all segments), H query heads, Hkv key/value heads,
+G query heads per K/V head, K key positions, Dh head width, D LLM width, I MLP width,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ PACK_MIN_ROWS = 2
 
 
 class DecodeLinear:
-    """x [B, in] -> x W^T + b [B, out] for decode rows: W itself (an [out, in] view), and on
-    CPU also oneDNN's packed copy of W for steps of `PACK_MIN_ROWS` rows or more."""
+    """x [N, in] -> x W^T + b [N, out]: W itself (an [out, in] view), and on CPU also oneDNN's
+    packed copy of W for `PACK_MIN_ROWS` rows or more (batched steps, prefill chunks)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
         self.weight = weight  # [out, in]
@@ -146,7 +149,8 @@ def decode_linear(linears: list[torch.nn.Linear], pack: bool) -> DecodeLinear:
 
 
 class LeanDecode:
-    """One decode step for rows [lo, hi) of the arena: feed a token per row, get its logits."""
+    """The engine's forward passes for a Llama: a decode step for arena rows [lo, hi) (a token
+    per row in, its logits out) and a packed prefill of several requests' chunks."""
 
     def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
         """`pack`: keep oneDNN-packed weight copies for batched steps (default: `should_pack`)."""
