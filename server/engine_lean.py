@@ -36,14 +36,15 @@ LEAN_MODEL_TYPES = ("llama",)  # configs whose decoder layer is exactly Llama's
 PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well with it)
 PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-# one row goes through MKL's GEMV: on the engine thread (not the main one) oneDNN's OpenMP regions
-# lose what its kernel gains (SmolLM2, 2 cores, three runs: 45-60 ms a step vs 45-49 with MKL)
-PACK_MIN_ROWS = 2
+# rows from which the packed copy runs: in fp32 one row goes through MKL's GEMV, as on the engine
+# thread oneDNN's OpenMP regions lose what its kernel gains (SmolLM2, 2 cores, three runs: 45-60
+# ms a step vs 45-49 ms); in bf16 oneDNN wins from one row (34-36 vs 42-48 ms)
+PACK_MIN_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 
 class DecodeLinear:
     """x [N, in] -> x W^T + b [N, out]: W itself (an [out, in] view), and on CPU also oneDNN's
-    packed copy of W for `PACK_MIN_ROWS` rows or more (batched steps, prefill chunks)."""
+    packed copy of W from `PACK_MIN_ROWS` rows on (batched steps, prefill chunks)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
         self.weight = weight  # [out, in]
@@ -53,9 +54,10 @@ class DecodeLinear:
             if pack
             else None
         )
+        self.min_rows = PACK_MIN_ROWS.get(weight.dtype, 2)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= PACK_MIN_ROWS:
+        if self.packed is not None and x.shape[0] >= self.min_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
