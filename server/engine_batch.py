@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from server.kv_cache import KVStore
@@ -63,6 +64,11 @@ class PrefillSegment:
     hi: int
     mask: torch.Tensor  # [1, 1, Q, K] bool, causal over the row's prefix plus the chunk
 
+    @property
+    def end(self) -> int:
+        """The row's column after the chunk (its key length)."""
+        return self.start + self.hi - self.lo
+
 
 @dataclass
 class PackedPrefill:
@@ -76,6 +82,38 @@ class PackedPrefill:
         lo = self.segments[-1].hi if self.segments else 0
         mask = make_prefill_mask(start, q_len, self.arena.device)
         self.segments.append(PrefillSegment(row, start, lo, lo + q_len, mask))
+
+    def positions(self) -> torch.Tensor:
+        """Every packed token's position in its own row -> [N]."""
+        return torch.cat([
+            torch.arange(seg.start, seg.end, device=self.arena.device) for seg in self.segments
+        ])  # fmt: skip
+
+    def last_positions(self, which: list[int]) -> torch.Tensor:
+        """Packed index of the last token of the segments numbered in `which` -> [n] long."""
+        last = [self.segments[i].hi - 1 for i in which]
+        return torch.tensor(last, dtype=torch.long, device=self.arena.device)  # [n]
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys/values [1, H, N, Dh] of the packed sequence -> each segment's row of `layer`."""
+        buf = self.arena.data[layer]  # [2, R, H, C, Dh]
+        for seg in self.segments:
+            buf[0, seg.row, :, seg.start : seg.end] = keys[0, :, seg.lo : seg.hi]  # [H, Q, Dh]
+            buf[1, seg.row, :, seg.start : seg.end] = values[0, :, seg.lo : seg.hi]
+
+    def attend(self, layer: int, query: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """query [1, H, N, Dh] -> [1, H, N, Dh]: each segment over its row's cached prefix and
+        itself (already written to `layer`)."""
+        buf = self.arena.data[layer]  # [2, R, Hkv, C, Dh]
+        outs = [
+            F.scaled_dot_product_attention(
+                query[:, :, seg.lo : seg.hi], buf[0, seg.row, :, : seg.end][None],
+                buf[1, seg.row, :, : seg.end][None], attn_mask=seg.mask, scale=scale,
+                enable_gqa=buf.shape[2] != query.shape[1],
+            )  # [1, H, Q, Dh]
+            for seg in self.segments
+        ]  # fmt: skip
+        return torch.cat(outs, dim=2)  # [1, H, N, Dh]
 
 
 class SlotCache(Cache):
@@ -109,7 +147,7 @@ class SlotCache(Cache):
 
     def set_packed(self, packed: PackedPrefill) -> None:
         self.packed = packed
-        self.kv_len = max(seg.start + seg.hi - seg.lo for seg in packed.segments)
+        self.kv_len = max(seg.end for seg in packed.segments)
 
     def write(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
@@ -118,10 +156,7 @@ class SlotCache(Cache):
         prefill writes each segment to its row and returns its input (attention reads the rows)."""
         buf = self.arena.data[layer]  # [2, R, H, C, Dh]
         if self.packed is not None:
-            for seg in self.packed.segments:
-                end = seg.start + seg.hi - seg.lo
-                buf[0, seg.row, :, seg.start : end] = keys[0, :, seg.lo : seg.hi]  # [H, Q, Dh]
-                buf[1, seg.row, :, seg.start : end] = values[0, :, seg.lo : seg.hi]  # [H, Q, Dh]
+            self.packed.write(layer, keys, values)
             return keys, values
         if self.start < 0 and self.single is not None:  # one row: a plain copy, no index_put
             buf[0, self.lo, :, self.single] = keys[0, :, 0]  # [H, Dh]
@@ -135,6 +170,13 @@ class SlotCache(Cache):
             buf[1, self.lo, :, self.start : end] = values[0]  # [H, Q, Dh]
         rows = slice(self.lo, self.hi)
         return buf[0, rows, :, : self.kv_len], buf[1, rows, :, : self.kv_len]  # [B, H, K, Dh]
+
+
+def attention_shape(cfg) -> tuple[int, int, int]:
+    """A transformers config's (query heads, key/value heads, head width)."""
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    return heads, kv_heads, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
 
 
 def make_prefill_mask(start: int, q_len: int, device: torch.device) -> torch.Tensor:
@@ -170,8 +212,7 @@ class Arena:
     def for_model(cls, store: KVStore, model: torch.nn.Module, max_rows: int) -> Arena:
         """An empty arena shaped for `model`'s layers, K/V heads, dtype and device."""
         cfg = model.config
-        heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        _, heads, head_dim = attention_shape(cfg)
         return cls(
             store, num_layers=cfg.num_hidden_layers, num_kv_heads=heads, head_dim=head_dim,
             dtype=model.dtype, device=model.device, max_rows=max_rows,

@@ -62,19 +62,8 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, Q_total, Dh] of several requests' chunks -> [1, Q_total, H, Dh]; each
     segment attends to its row's cached prefix and itself (already written by the cache)."""
-    buf = packed.arena.data[module.layer_idx]  # [2, R, Hkv, C, Dh]
-    outs = []
-    for seg in packed.segments:
-        k_len = seg.mask.shape[-1]
-        keys = buf[0, seg.row, :, :k_len][None]  # [1, Hkv, K, Dh]
-        values = buf[1, seg.row, :, :k_len][None]  # [1, Hkv, K, Dh]
-        outs.append(
-            F.scaled_dot_product_attention(
-                query[:, :, seg.lo : seg.hi], keys, values, attn_mask=seg.mask, scale=scaling,
-                enable_gqa=keys.shape[1] != query.shape[1],
-            )  # [1, H, Q, Dh]
-        )  # fmt: skip
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # [1, Q_total, H, Dh]
+    out = packed.attend(module.layer_idx, query, scaling)  # [1, H, Q_total, Dh]
+    return out.transpose(1, 2).contiguous(), None  # [1, Q_total, H, Dh]
 
 
 AttentionInterface.register(GQA_SDPA, gqa_sdpa_forward)

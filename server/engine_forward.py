@@ -47,23 +47,16 @@ def prefill_packed(
     `lean`'s own layers when given."""
     if lean is not None:
         return lean.prefill(cache.arena, packed, embeds, logits_of)
-    device = embeds[0].device
-    positions = [
-        torch.arange(seg.start, seg.start + seg.hi - seg.lo, device=device)  # [Q_i]
-        for seg in packed.segments
-    ]
     cache.set_packed(packed)
     hidden = model.model(
         inputs_embeds=torch.cat(embeds)[None],  # [1, Q_total, D]
-        position_ids=torch.cat(positions)[None],  # [1, Q_total]
+        position_ids=packed.positions()[None],  # [1, Q_total]
         attention_mask=PACKED_MASK,  # unused: each segment brings its own
         cache=cache,
         use_cache=True,
         packed_prefill=packed,
     ).last_hidden_state[0]  # [Q_total, D]
-    last = [packed.segments[i].hi - 1 for i in logits_of]
-    index = torch.tensor(last, dtype=torch.long, device=device)  # [n]
-    return model.get_output_embeddings()(hidden[index])  # [n, V]
+    return model.get_output_embeddings()(hidden[packed.last_positions(logits_of)])  # [n, V]
 
 
 def decode_step(

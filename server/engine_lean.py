@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server.engine_batch import Arena, PackedPrefill
+from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_decode import make_decode_bias
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,8 @@ def lean_support(model: torch.nn.Module) -> str | None:
     return None
 
 
-def should_pack(model: torch.nn.Module) -> bool:
+def should_pack(model: torch.nn.Module, weight_bytes: int) -> bool:
     """oneDNN-packed decode weights: CPU, fp32/bf16, oneDNN present, not too big to copy."""
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return (
         model.device.type == "cpu"
         and model.dtype in PACK_DTYPES
@@ -159,20 +158,18 @@ class LeanDecode:
         reason = lean_support(model)
         if reason is not None:
             raise ValueError(f"lean decode does not support this model: {reason}")
-        cfg = model.config
-        self.heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
+        self.heads, self.kv_heads, self.head_dim = attention_shape(model.config)
         self.embed = model.get_input_embeddings()
         self.rotary = model.model.rotary_emb
         self.norm = model.model.norm
-        self.packed = should_pack(model) if pack is None else pack
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.packed = should_pack(model, weight_bytes) if pack is None else pack
         self.lm_head = decode_linear([model.get_output_embeddings()], self.packed)
         self.layers = [self._layer(layer, self.packed) for layer in model.model.layers]
-        copy_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
+        copy = f", oneDNN-packed weight copy for batches (+{weight_bytes / 1e6:.0f} MB)"
         log.info(
             "lean decode step: %d layers, q/k/v and gate/up fused in place%s", len(self.layers),
-            f", oneDNN-packed weight copy for batches (+{copy_mb:.0f} MB)" if self.packed else "",
+            copy if self.packed else "",
         )  # fmt: skip
 
     @staticmethod
@@ -203,8 +200,9 @@ class LeanDecode:
         row, col = (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
         k_len = max(positions) + 1
 
-        def attend(layer: LeanLayer, h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
             q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+            kv = arena.data[index]  # [2, R, Hkv, C, Dh]
             kv[0, row, :, col] = k[:, :, 0] if rows > 1 else k[0, :, 0]  # [B, Hkv, Dh] / [Hkv, Dh]
             kv[1, row, :, col] = v[:, :, 0] if rows > 1 else v[0, :, 0]
             keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B, Hkv, K, Dh]
@@ -216,7 +214,7 @@ class LeanDecode:
                 out = grouped_attention(q, keys, values, bias, layer.scaling)  # [B, H, 1, Dh]
             return layer.o_proj(out.reshape(rows, -1))  # [B, D]
 
-        return self.lm_head(self.norm(self._layers(arena, x, attend)))  # [B, V]
+        return self.lm_head(self.norm(self._layers(x, attend)))  # [B, V]
 
     @torch.inference_mode()
     def prefill(
@@ -228,39 +226,22 @@ class LeanDecode:
     ) -> torch.Tensor:
         """Chunks [Q_i, D] of `packed`'s segments as one sequence; each segment's K/V land in its
         row -> logits [n, V] at the last position of the segments listed in `logits_of`."""
-        device = arena.device
         x = torch.cat(embeds)  # [N, D]
-        pos = torch.cat([
-            torch.arange(seg.start, seg.start + seg.hi - seg.lo, device=device)
-            for seg in packed.segments
-        ])  # [N]  # fmt: skip
+        cos, sin = self.rotary(x, packed.positions()[None])  # [1, N, Dh] each
 
-        cos, sin = self.rotary(x, pos[None])  # [1, N, Dh] each
-
-        def attend(layer: LeanLayer, h: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
             q, k, v = self._qkv(layer, h[None], cos, sin)  # [1, H, N, Dh], [1, Hkv, N, Dh] x2
-            outs = []
-            for seg in packed.segments:
-                end = seg.start + seg.hi - seg.lo
-                kv[0, seg.row, :, seg.start : end] = k[0, :, seg.lo : seg.hi]  # [Hkv, Q, Dh]
-                kv[1, seg.row, :, seg.start : end] = v[0, :, seg.lo : seg.hi]
-                keys = kv[:, seg.row : seg.row + 1, :, :end]  # [2, 1, Hkv, K, Dh]
-                outs.append(F.scaled_dot_product_attention(
-                    q[:, :, seg.lo : seg.hi], keys[0], keys[1], attn_mask=seg.mask,
-                    scale=layer.scaling, enable_gqa=self.kv_heads != self.heads,
-                ))  # [1, H, Q, Dh]  # fmt: skip
-            out = torch.cat(outs, dim=2)[0].transpose(0, 1)  # [N, H, Dh]
+            packed.write(index, k, v)
+            out = packed.attend(index, q, layer.scaling)[0].transpose(0, 1)  # [N, H, Dh]
             return layer.o_proj(out.reshape(x.shape[0], -1))  # [N, D]
 
-        hidden = self._layers(arena, x, attend)  # [N, D]
-        last = [packed.segments[i].hi - 1 for i in logits_of]
-        last = torch.tensor(last, dtype=torch.long, device=device)  # [n]
-        return self.lm_head(self.norm(hidden[last]))  # [n, V]
+        hidden = self._layers(x, attend)  # [N, D]
+        return self.lm_head(self.norm(hidden[packed.last_positions(logits_of)]))  # [n, V]
 
-    def _layers(self, arena: Arena, x: torch.Tensor, attend) -> torch.Tensor:
-        """x [N, D] through every decoder layer; `attend(layer, normed, kv)` -> [N, D]."""
+    def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """x [N, D] through every decoder layer; `attend(layer, normed, layer_index)` -> [N, D]."""
         for i, layer in enumerate(self.layers):
-            x = x + attend(layer, layer.norm_in(x), arena.data[i])  # kv: [2, R, Hkv, C, Dh]
+            x = x + attend(layer, layer.norm_in(x), i)
             gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)  # [N, I] each
             x = x + layer.down_proj(layer.act(gate) * up)  # [N, D]
         return x
