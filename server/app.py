@@ -32,6 +32,7 @@ from server.routes import chat, health, models, realtime, sessions
 from server.schemas import TurnRequest
 from server.session_registry import SessionRegistry
 from server.settings import Settings, get_settings
+from server.threads import on_own_thread, single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     settings: Settings = app.state.settings
     start = time.perf_counter()
-    speech_llm = app.state.speech_llm or await asyncio.to_thread(build_speech_llm, settings)
+    # loading runs multi-threaded on a thread that then ends; every thread but the engine's
+    # keeps to one torch thread from here on (server/threads.py says why)
+    speech_llm = app.state.speech_llm or await asyncio.to_thread(
+        on_own_thread, build_speech_llm, settings
+    )
+    single_threaded()  # the event loop's thread
     limit_audio(speech_llm, settings.max_audio_seconds)
     worker = Worker(
         speech_llm,

@@ -17,19 +17,20 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 
-from model.decoding import select_tokens
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM
+from server import engine_forward as forward
 from server.engine_batch import Arena, PackedPrefill, SlotCache
-from server.engine_decode import GQA_SDPA, lay_out_for_decode, use_gqa_attention
-from server.engine_forward import decode_step, prefill_chunk, prefill_packed
-from server.engine_lean import LeanDecode, lean_support
-from server.engine_request import EngineRequest, embed_from
+from server.engine_decode import GQA_SDPA
+from server.engine_lean import LeanDecode
+from server.engine_request import EngineRequest, embed_from, sample_rows
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
 from server.protocol import FinishReason
+from server.threads import DEFAULT_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +51,20 @@ class Engine:
         decode_step: str = "lean",
         num_threads: int | None = None,
     ) -> None:
+        if decode_step not in forward.DECODE_STEPS:
+            raise ValueError(f"decode_step is one of {forward.DECODE_STEPS}, not {decode_step!r}")
         cfg = llm.model.config
         self.llm, self.model, self.store = llm, llm.model, store
-        refused = lean_support(self.model) if decode_step == "lean" else "decode_step='hf'"
-        self.lean = LeanDecode(self.model) if refused is None else None
-        if refused:
-            log.info("decode step: transformers' forward (%s)", refused)
-        lay_out_for_decode(self.model)  # after fusing: lays out what LeanDecode left alone
-        use_gqa_attention(self.model)
-        self.num_threads = num_threads
+        self.decode_step = decode_step
+        self.lean: LeanDecode | None = None  # set on the engine thread (`_run`)
+        self.num_threads = num_threads or DEFAULT_THREADS
         self.device = llm.device
         self.arena = Arena.for_model(store, llm.model, max_rows=max_batch)
         self.cache = SlotCache(self.arena, cfg.num_hidden_layers)
         self.max_positions = cfg.max_position_embeddings
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, all prefilling requests
         self.prefill_rows = prefill_rows  # requests prefilled side by side
-        # several chunks in one forward: the lean step, or HF with our attention function
-        self.packed_ok = self.lean is not None or self.model.config._attn_implementation == GQA_SDPA
+        self.packed_ok = False  # several chunks in one forward (set by `_run`)
         self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.waiting: deque[EngineRequest] = deque()
         self.prefilling: list[EngineRequest] = []  # rows len(decoding) .. (in any order)
@@ -80,8 +78,14 @@ class Engine:
     # -- any thread ------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="speechchat-engine", daemon=True)
+        """Start the engine thread; returns once it has built its forward passes (re-raising
+        what building raised)."""
+        built: Future[None] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(built,), name="speechchat-engine", daemon=True
+        )
         self._thread.start()
+        built.result()
 
     def stop(self) -> None:
         """Cancel everything and end the thread (blocks until it has)."""
@@ -105,9 +109,16 @@ class Engine:
 
     # -- the loop --------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        if self.num_threads:  # OpenMP's thread count is per calling thread
-            torch.set_num_threads(self.num_threads)
+    def _run(self, built: Future[None]) -> None:
+        torch.set_num_threads(self.num_threads)  # OpenMP's thread count is per calling thread
+        try:  # fused, packed, compiled here, on the thread that owns the cores (server/threads)
+            self.lean = forward.build_decoder(self.model, self.decode_step)
+        except BaseException as exc:  # raised again by `start`
+            built.set_exception(exc)
+            return
+        # several chunks in one forward: the lean step, or HF with our attention function
+        self.packed_ok = self.lean is not None or self.model.config._attn_implementation == GQA_SDPA
+        built.set_result(None)
         with torch.inference_mode():
             while self._drain_commands():
                 self.step()
@@ -233,8 +244,8 @@ class Engine:
 
     def _prefill_chunk(self, req: EngineRequest, q_len: int) -> torch.Tensor | None:
         """One request's next `q_len` prompt positions; its logits [V] if the prompt is done."""
-        start = len(req.row_keys)
-        logits = prefill_chunk(self.model, self.cache, req.row, start, req.next_chunk(q_len))
+        chunk = req.next_chunk(q_len)  # [Q, D]
+        logits = forward.prefill_chunk(self.model, self.cache, req.row, len(req.row_keys), chunk)
         req.advance(q_len)
         return logits if req.prefill_left == 0 else None  # [V]
 
@@ -246,7 +257,7 @@ class Engine:
         self.peak_prefill_rows = max(self.peak_prefill_rows, len(plan))
         done = [i for i, (req, q_len) in enumerate(plan) if q_len == req.prefill_left]
         embeds = [req.next_chunk(q_len) for req, q_len in plan]  # [Q_i, D] each
-        logits = prefill_packed(self.model, self.cache, packed, embeds, done, self.lean)  # [n, V]
+        logits = forward.prefill_packed(self.model, self.cache, packed, embeds, done, self.lean)
         for req, q_len in plan:
             req.advance(q_len)
         return {plan[i][0]: logits[j] for j, i in enumerate(done)}
@@ -261,7 +272,7 @@ class Engine:
         self.prefilling.remove(req)
         req.pending = None
         self.decoding.append(req)
-        reason = req.accept_token(self._sample([req], logits[None])[0])
+        reason = req.accept_token(sample_rows([req], logits[None])[0])
         if reason is not None:
             self._retire([(req, reason, None)])
 
@@ -286,7 +297,7 @@ class Engine:
                 return
         self.peak_batch = max(self.peak_batch, len(self.decoding))
         logits, failed = self._forward_rows()  # [B, V]
-        tokens = self._sample(self.decoding, logits)
+        tokens = sample_rows(self.decoding, logits)
         done = [(r, "error", failed[i]) for i, r in enumerate(self.decoding) if i in failed]
         for i, req in enumerate(self.decoding):
             if i in failed:
@@ -328,18 +339,9 @@ class Engine:
 
     def _forward_decode(self, lo: int, hi: int) -> torch.Tensor:
         reqs = self.decoding[lo:hi]
-        positions = [len(r.row_keys) for r in reqs]
-        tokens = [r.next_token for r in reqs]
-        dtype = self.llm.dtype
-        return decode_step(self.model, self.cache, lo, hi, positions, tokens, dtype, self.lean)
-
-    def _sample(self, reqs: list[EngineRequest], logits: torch.Tensor) -> list[int]:
-        """One token per row: greedy rows share one argmax, sampling rows use their generator."""
-        greedy = logits.argmax(dim=-1).tolist()  # [B]
-        for i, req in enumerate(reqs):
-            if req.params.temperature > 0.0:
-                greedy[i] = int(select_tokens(logits[i : i + 1], req.params, req.generator)[0])
-        return greedy
+        positions, tokens = [len(r.row_keys) for r in reqs], [r.next_token for r in reqs]
+        step = forward.decode_step  # -> [B, V]
+        return step(self.model, self.cache, lo, hi, positions, tokens, self.llm.dtype, self.lean)
 
     # -- leaving ---------------------------------------------------------------------------
 

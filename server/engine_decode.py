@@ -76,19 +76,25 @@ def use_gqa_attention(model: torch.nn.Module) -> None:
         model.set_attn_implementation(GQA_SDPA)
 
 
-def lay_out_for_decode(model: torch.nn.Module) -> int:
-    """Store each CPU `Linear` weight transposed (same values, same shape); returns how many."""
+def lay_out_for_decode(model: torch.nn.Module, transposed: bool = True) -> int:
+    """Store each CPU `Linear` weight transposed (same values, same shape), or with
+    `transposed=False` back in the plain [out, in] layout; returns how many moved."""
     count = 0
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
             if not isinstance(module, torch.nn.Linear) or weight is None:
                 continue
-            if weight.device.type != "cpu" or weight.ndim != 2 or not weight.is_contiguous():
-                continue  # already laid out, or not where MKL runs
-            weight.data = weight.data.t().contiguous().t()  # [out, in] view of [in, out] storage
+            if weight.device.type != "cpu" or weight.ndim != 2:
+                continue
+            if transposed and weight.is_contiguous():  # [out, in] view of [in, out] storage
+                weight.data = weight.data.t().contiguous().t()
+            elif not transposed and weight.t().is_contiguous() and not weight.is_contiguous():
+                weight.data = weight.data.contiguous()
+            else:
+                continue  # already laid out, or a view into a fused weight
             count += 1
-    log.debug("stored %d linear weights transposed for CPU decode", count)
+    log.debug("laid out %d linear weights for CPU decode (transposed: %s)", count, transposed)
     return count
 
 

@@ -8,13 +8,33 @@ Dims: B decoding rows, Q chunk positions, D LLM width, V vocabulary.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from server.engine_batch import PackedPrefill, SlotCache, make_prefill_mask
-from server.engine_decode import make_decode_bias
-from server.engine_lean import LeanDecode
+from server.engine_decode import lay_out_for_decode, make_decode_bias, use_gqa_attention
+from server.engine_lean import LeanDecode, lean_support
+
+log = logging.getLogger(__name__)
 
 PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
+# "compiled": "lean" plus a compiled one-row step on CPU; "lean": server/engine_lean.py (Llama
+# models; others fall back to "hf"); "hf": transformers' forward
+DECODE_STEPS = ("compiled", "lean", "hf")
+
+
+def build_decoder(model: torch.nn.Module, decode_step: str) -> LeanDecode | None:
+    """Prepare `model` for the engine: the lean step where `decode_step` and the model allow
+    (None: transformers' forward), CPU weights laid out for what reads them, GQA attention."""
+    refused = lean_support(model) if decode_step != "hf" else "decode_step='hf'"
+    lean = LeanDecode(model, compile_row=decode_step == "compiled") if refused is None else None
+    if refused:
+        log.info("decode step: transformers' forward (%s)", refused)
+    if lean is None or lean.row_step is None:
+        lay_out_for_decode(model)  # after fusing: lays out what LeanDecode left alone
+    use_gqa_attention(model)
+    return lean
 
 
 def prefill_chunk(

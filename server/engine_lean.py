@@ -28,38 +28,49 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine_batch import Arena, PackedPrefill, attention_shape
-from server.engine_decode import make_decode_bias
+from server.engine_compiled import CompiledRowStep
+from server.engine_decode import lay_out_for_decode, make_decode_bias
 
 log = logging.getLogger(__name__)
 
 LEAN_MODEL_TYPES = ("llama",)  # configs whose decoder layer is exactly Llama's
 PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well with it)
+PACK_PAD = 64  # zero rows added to a packed weight with a multiple of 1024 rows (pack_weight)
 PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-# rows from which the packed copy runs: in fp32 one row goes through MKL's GEMV, as on the engine
-# thread oneDNN's OpenMP regions lose what its kernel gains (SmolLM2, 2 cores, three runs: 45-60
-# ms a step vs 45-49 ms); in bf16 oneDNN wins from one row (34-36 vs 42-48 ms)
-PACK_MIN_ROWS = {torch.float32: 2, torch.bfloat16: 1}
 
 
 class DecodeLinear:
-    """x [N, in] -> x W^T + b [N, out]: W itself (an [out, in] view), and on CPU also oneDNN's
-    packed copy of W from `PACK_MIN_ROWS` rows on (batched steps, prefill chunks)."""
+    """x [N, in] -> x W^T + b [N, out]: through oneDNN's packed copy of W where there is one
+    (CPU; from one row on it beats MKL's GEMV: SmolLM2, 2 cores, a one-row step 35 vs 45 ms in
+    fp32, 24-27 vs 30-36 ms in bf16), else through W itself (an [out, in] view)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
         self.weight = weight  # [out, in]
         self.bias = bias  # [out] or None
-        self.packed = (  # a copy in oneDNN's blocked layout, tuned for up to PACK_ROWS rows
-            torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
-            if pack
-            else None
-        )
-        self.min_rows = PACK_MIN_ROWS.get(weight.dtype, 2)
+        self.out = weight.shape[0]
+        self.packed, self.packed_bias = pack_weight(weight, bias) if pack else (None, None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.shape[0] >= self.min_rows:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
+        return y if y.shape[-1] == self.out else y[:, : self.out]  # [N, out]
+
+
+def pack_weight(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """oneDNN's packed copy of W [out, in] (and the bias to use with it). A weight whose `out`
+    is a multiple of 1024 gets `PACK_PAD` zero rows first: oneDNN runs such shapes at half speed
+    for 4 to 16 rows (SmolLM2's gate/up [3072, 576], 2 cores, 16 rows: 1085 us vs 547 us for
+    [3136, 576]; 4 rows: 452 vs 368 us; the LM head [49152, 576] is as fast either way)."""
+    w = weight.detach()
+    if w.shape[0] % 1024 == 0:
+        w = torch.cat([w, w.new_zeros(PACK_PAD, w.shape[1])])  # [out + PACK_PAD, in]
+        if bias is not None:
+            bias = torch.cat([bias, bias.new_zeros(PACK_PAD)])
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS), bias
 
 
 @dataclass
@@ -112,15 +123,17 @@ def should_pack(model: torch.nn.Module, weight_bytes: int) -> bool:
     )
 
 
-def fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fuse_linears(
+    linears: list[torch.nn.Linear], transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Store several Linears' weights in one tensor and point each Linear at its slice.
 
-    Returns the fused weight [sum(out), in] (on CPU a transposed view: its storage is
-    [in, sum(out)], the layout MKL's GEMV streams fastest) and the fused bias (None when
-    none has one)."""
+    Returns the fused weight [sum(out), in] (`transposed`: a transposed view whose storage is
+    [in, sum(out)], the layout MKL's GEMV streams fastest) and the fused bias (None when none
+    has one)."""
     parts = [lin.weight.detach() for lin in linears]  # [out_i, in]
     with torch.no_grad():
-        if parts[0].device.type == "cpu":
+        if transposed:
             fused = torch.cat([w.t() for w in parts], dim=1).contiguous().t()  # [sum(out), in]
         else:
             fused = torch.cat(parts).contiguous()  # [sum(out), in]
@@ -142,19 +155,23 @@ def concat_biases(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
     ])  # fmt: skip
 
 
-def decode_linear(linears: list[torch.nn.Linear], pack: bool) -> DecodeLinear:
+def decode_linear(linears: list[torch.nn.Linear], pack: bool, transposed: bool) -> DecodeLinear:
     """One `DecodeLinear` computing the given Linears side by side (outputs concatenated)."""
     if len(linears) == 1:  # the Parameter itself: a later re-layout (lay_out_for_decode) shows
         return DecodeLinear(linears[0].weight, linears[0].bias, pack)
-    return DecodeLinear(*fuse_linears(linears), pack)
+    return DecodeLinear(*fuse_linears(linears, transposed), pack)
 
 
 class LeanDecode:
     """The engine's forward passes for a Llama: a decode step for arena rows [lo, hi) (a token
     per row in, its logits out) and a packed prefill of several requests' chunks."""
 
-    def __init__(self, model: torch.nn.Module, pack: bool | None = None) -> None:
-        """`pack`: keep oneDNN-packed weight copies for batched steps (default: `should_pack`)."""
+    def __init__(
+        self, model: torch.nn.Module, pack: bool | None = None, compile_row: bool = False
+    ) -> None:
+        """`pack`: keep oneDNN-packed weight copies (default: `should_pack`); `compile_row`:
+        one-row steps through `CompiledRowStep` (CPU; compiled here, falling back to the eager
+        step where compiling fails)."""
         reason = lean_support(model)
         if reason is not None:
             raise ValueError(f"lean decode does not support this model: {reason}")
@@ -164,24 +181,43 @@ class LeanDecode:
         self.norm = model.model.norm
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.packed = should_pack(model, weight_bytes) if pack is None else pack
-        self.lm_head = decode_linear([model.get_output_embeddings()], self.packed)
-        self.layers = [self._layer(layer, self.packed) for layer in model.model.layers]
+        if compile_row and model.device.type != "cpu":
+            log.info(
+                "the compiled one-row step is for CPUs; %s decodes with the lean step", model.device
+            )
+            compile_row = False
+        if compile_row:  # the compiled step streams [out, in] rows: undo an earlier re-layout
+            lay_out_for_decode(model, transposed=False)
+        # [in, out] storage suits MKL's GEMV; the compiled step streams [out, in] rows
+        transposed = model.device.type == "cpu" and not compile_row
+        self.lm_head = decode_linear([model.get_output_embeddings()], self.packed, transposed)
+        self.layers = [self._layer(layer, self.packed, transposed) for layer in model.model.layers]
         copy = f", oneDNN-packed weight copy for batches (+{weight_bytes / 1e6:.0f} MB)"
         log.info(
             "lean decode step: %d layers, q/k/v and gate/up fused in place%s", len(self.layers),
             copy if self.packed else "",
         )  # fmt: skip
+        self.row_step = self._compiled_row_step(model) if compile_row else None
+
+    def _compiled_row_step(self, model: torch.nn.Module) -> CompiledRowStep | None:
+        try:
+            row_step = CompiledRowStep(self, model.config)
+            row_step.warm_up()
+        except Exception as exc:  # no C++ compiler, an op inductor cannot lower, ...
+            log.warning("compiling the one-row decode step failed, using the eager one: %r", exc)
+            return None
+        return row_step
 
     @staticmethod
-    def _layer(layer: torch.nn.Module, pack: bool) -> LeanLayer:
+    def _layer(layer: torch.nn.Module, pack: bool, transposed: bool) -> LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
         return LeanLayer(
             norm_in=layer.input_layernorm,
             norm_post=layer.post_attention_layernorm,
-            qkv=decode_linear([attn.q_proj, attn.k_proj, attn.v_proj], pack),
-            o_proj=decode_linear([attn.o_proj], pack),
-            gate_up=decode_linear([mlp.gate_proj, mlp.up_proj], pack),
-            down_proj=decode_linear([mlp.down_proj], pack),
+            qkv=decode_linear([attn.q_proj, attn.k_proj, attn.v_proj], pack, transposed),
+            o_proj=decode_linear([attn.o_proj], pack, transposed),
+            gate_up=decode_linear([mlp.gate_proj, mlp.up_proj], pack, transposed),
+            down_proj=decode_linear([mlp.down_proj], pack, transposed),
             act=mlp.act_fn,
             scaling=attn.scaling,
         )
@@ -192,6 +228,8 @@ class LeanDecode:
     ) -> torch.Tensor:
         """Rows [lo, hi) feed `tokens` at `positions` (their K/V land there) -> logits [B, V]."""
         device, rows = arena.device, hi - lo
+        if rows == 1 and self.row_step is not None:
+            return self.row_step.step(arena, lo, positions[0], tokens[0])
         ids = torch.tensor(tokens, device=device)  # [B]
         pos = torch.tensor(positions, device=device)  # [B]
         x = self.embed(ids)  # [B, D]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from model.decoding import SamplingParams, StopStreamer
+from model.decoding import SamplingParams, StopStreamer, select_tokens
 from model.errors import MessageFormatError, SpeechChatModelError
 from model.messages import Turn
 from model.prompt import AudioSpan, Segment, render_prompt
@@ -170,3 +170,13 @@ class EngineRequest:
         code = type(error).__name__ if known else "internal_error"
         self.emit(ErrorEvent(self.request_id, code, str(error)))
         self.emit(Finished(self.request_id, "error"))
+
+
+def sample_rows(reqs: Sequence[EngineRequest], logits: torch.Tensor) -> list[int]:
+    """One token per row of logits [B, V]: greedy rows share one argmax, sampling rows use
+    their own settings and generator."""
+    tokens = logits.argmax(dim=-1).tolist()  # [B]
+    for i, req in enumerate(reqs):
+        if req.params.temperature > 0.0:
+            tokens[i] = int(select_tokens(logits[i : i + 1], req.params, req.generator)[0])
+    return tokens

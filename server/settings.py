@@ -58,8 +58,11 @@ class Settings(BaseSettings):
         512, ge=1, description="prompt tokens prefilled per step, all requests together"
     )
     prefill_rows: int = Field(8, ge=1, description="requests prefilled side by side")
-    decode_step: Literal["lean", "hf"] = Field(
-        "lean", description="'lean': fused Llama step (other models use 'hf'); 'hf': transformers"
+    decode_step: Literal["compiled", "lean", "hf"] = Field(
+        "compiled",
+        description="'lean': fused Llama step (other models use 'hf'); 'compiled': 'lean' plus a"
+        " one-row step compiled by inductor on CPU (needs a C++ compiler; 10-20 s at the first"
+        " start, then inductor's cache; falls back to 'lean'); 'hf': transformers' forward",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
     # generation defaults

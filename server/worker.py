@@ -39,6 +39,7 @@ from server.sessions import (
     decode_pcm16,
     new_session,
 )
+from server.threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ class Worker:
         num_threads: int | None = None,
         stream_window_s: float = STREAM_WINDOW,
     ) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
         self.speech_llm = speech_llm
         self.store = KVStore(kv_budget_bytes)
         self.engine = Engine(
@@ -78,15 +77,19 @@ class Worker:
         self.max_sessions = max_sessions
         self.stream_window_s = stream_window_s
         self._sessions: dict[str, Session] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="speechchat-encode")
+        # decoding and encoding audio here run single-threaded: the engine owns the cores
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="speechchat-encode", initializer=single_threaded
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._audio_seconds = 0.0
         self._eos = frozenset(speech_llm.llm.eos_token_ids)
 
     async def start(self) -> None:
-        """Start the engine thread; call inside the running loop."""
+        """Start the engine thread (it fuses, packs or compiles first); call inside the running
+        loop."""
         self._loop = asyncio.get_running_loop()
-        self.engine.start()
+        await asyncio.to_thread(self.engine.start)
 
     async def stop(self) -> None:
         """Cancel every request and join the engine thread."""

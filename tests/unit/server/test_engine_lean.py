@@ -1,6 +1,6 @@
 """The lean decode step: fusing weights leaves the model's outputs alone, a step over arena rows
-of different lengths and a packed prefill give the transformers forward's logits, other models
-are refused, and an idle arena shrinks to the next request."""
+of different lengths, a packed prefill and the compiled one-row step give the transformers
+forward's logits, other models are refused, and an idle arena shrinks to the next request."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from server.engine_batch import ARENA_GROW, Arena, PackedPrefill
-from server.engine_lean import LeanDecode, lean_support
+from server.engine_compiled import CompiledRowStep
+from server.engine_lean import PACK_PAD, DecodeLinear, LeanDecode, lean_support
 from server.kv_cache import KVStore
 from tests.tiny import TINY_LLAMA
 
@@ -108,3 +109,55 @@ def test_an_idle_arena_shrinks_to_the_next_request():
     assert arena.ensure(1, 40, idle=True)
     assert (arena.rows, arena.capacity) == (1, ARENA_GROW)
     assert store.used_bytes == arena.nbytes < long_bytes
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}],
+    ids=["gqa", "mha-biases"],
+)
+def test_compiled_one_row_step_equals_forward_without_recompiling(overrides, caplog):
+    """Steps of one row at growing positions through the compiled pieces: the forward's logits
+    at every position, and no graph compiled after the warm-up (weights are inputs, so one
+    graph serves every layer and every position)."""
+    model = tiny_model(**overrides)
+    seq = torch.randint(0, VOCAB, (9,))
+    expected = model(seq[None]).logits[0]  # [T, V]
+    with caplog.at_level("WARNING"):
+        lean = LeanDecode(model, compile_row=True)
+    assert lean.row_step is not None, caplog.text
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=2)
+    assert arena.ensure(2, len(seq))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        got = torch.cat([lean.step(arena, 1, 2, [p], [int(t)]) for p, t in enumerate(seq)])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, caplog):
+    def refuse(self) -> float:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(CompiledRowStep, "warm_up", refuse)
+    model = tiny_model()
+    with caplog.at_level("WARNING"):
+        lean = LeanDecode(model, compile_row=True)
+    assert lean.row_step is None and "no C++ compiler" in caplog.text
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=1)
+    assert arena.ensure(1, 1)
+    with torch.inference_mode():
+        got = lean.step(arena, 0, 1, [0], [7])
+    torch.testing.assert_close(got[0], model(torch.tensor([[7]])).logits[0, -1])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_a_packed_weight_with_1024_multiple_rows_is_padded_and_exact(rows):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(2048, 48), torch.randn(2048)
+    linear = DecodeLinear(weight, bias, pack=True)
+    assert linear.packed_bias is not None and linear.packed_bias.shape == (2048 + PACK_PAD,)
+    x = torch.randn(rows, 48)
+    got = linear(x)
+    assert got.shape == (rows, 2048)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias))

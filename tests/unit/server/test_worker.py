@@ -96,13 +96,15 @@ def test_single_stateless_request_equals_generate(varied):
     assert usage.prompt_tokens == len(text_only_ids(render_prompt(varied.llm.tokenizer, turns)))
 
 
-@pytest.mark.parametrize("decode_step", ["lean", "hf"])
+@pytest.mark.parametrize("decode_step", ["compiled", "lean", "hf"])
 def test_eight_batched_sessions_of_different_lengths_equal_generate(varied, decode_step):
     convs = [[user(f"Tell me about {TOPICS[i % 6]}. " * (1 + i))] for i in range(8)]
 
     async def main():
         worker = await started(varied, max_batch=8, prefill_chunk=16, decode_step=decode_step)
-        assert (worker.engine.lean is not None) == (decode_step == "lean")
+        lean = worker.engine.lean
+        assert (lean is not None) == (decode_step != "hf")
+        assert (lean is not None and lean.row_step is not None) == (decode_step == "compiled")
         sids = [worker.open_session() for _ in convs]
         for sid, turns in zip(sids, convs, strict=True):
             await worker.append_messages(sid, turns)
@@ -279,3 +281,22 @@ def test_llama2_template_multi_turn_equals_generate(tiny_llama2_dir):
     text, usage, turns = run(main())
     assert usage.cached_tokens > 0
     assert text == reference_text(speech_llm, turns)
+
+
+def test_only_the_engine_thread_runs_torch_on_several_threads(varied):
+    """The engine thread owns the cores; audio decoding and encoding run single-threaded, so no
+    second OpenMP pool throttles the engine's (server/threads.py)."""
+
+    async def main():
+        worker = await started(varied, num_threads=2)
+        on_engine = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        worker.engine.call(
+            lambda: loop.call_soon_threadsafe(on_engine.set_result, torch.get_num_threads())
+        )
+        engine_threads = await on_engine
+        encode_threads = await worker._off_loop(torch.get_num_threads)
+        await worker.stop()
+        return engine_threads, encode_threads
+
+    assert run(main()) == (2, 1)

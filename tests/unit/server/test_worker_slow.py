@@ -21,12 +21,13 @@ N_NEW = 16
 
 
 @pytest.mark.slow
-def test_smol_batched_sessions_and_reuse_equal_generate(smol_llm):
+@pytest.mark.parametrize("decode_step", ["compiled", "lean"])
+def test_smol_batched_sessions_and_reuse_equal_generate(smol_llm, decode_step):
     torch.set_num_threads(2)
     speech_llm = SpeechLLM(smol_llm)
 
     async def main():
-        worker = await started(speech_llm, max_batch=4, prefill_chunk=32)
+        worker = await started(speech_llm, max_batch=4, prefill_chunk=32, decode_step=decode_step)
         sids = [worker.open_session() for _ in QUESTIONS]
         for sid, q in zip(sids, QUESTIONS, strict=True):
             await worker.append_messages(sid, [{"role": "user", "content": q}])
