@@ -28,12 +28,12 @@ from model.llm import LoadedLLM, load_llm, pick_attention  # noqa: E402
 from model.messages import AudioPart, TextPart, Turn  # noqa: E402
 from model.prompt import render_prompt, text_only_ids  # noqa: E402
 from model.speech_llm import SpeechLLM  # noqa: E402
-from server.engine import DECODE_STEPS  # noqa: E402
+from server.engine_forward import DECODE_STEPS  # noqa: E402
 from server.protocol import GenerateRequest, TextDelta, Usage  # noqa: E402
 from server.threads import DEFAULT_THREADS, on_own_thread, single_threaded  # noqa: E402
 from server.worker import Worker  # noqa: E402
 
-REPEATS = 3  # single-stream and TTFT figures are the median of this many runs
+REPEATS = 3  # single-stream, TTFT and concurrency figures are the median of this many runs
 AUDIO_SECONDS = 5.0  # s per spoken turn
 EMBEDDING_RATE = 12.5  # audio embeddings per second (80 ms each)
 LLAMA2_7B = dict(
@@ -176,6 +176,12 @@ async def audio_ttft(
     return out
 
 
+async def median_run(measure, *args) -> dict[str, float]:
+    """The median of REPEATS runs of `measure(*args)`, by aggregate tokens/s."""
+    runs = [await measure(*args) for _ in range(REPEATS)]
+    return sorted(runs, key=lambda r: r["agg"])[REPEATS // 2]
+
+
 async def concurrency(worker: Worker, sessions: int, n: int) -> dict[str, float]:
     sids = [worker.open_session() for _ in range(sessions)]
     for i, sid in enumerate(sids):
@@ -210,7 +216,7 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     single = await single_stream(worker, args.tokens)
     runs = [await audio_ttft(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
     ttft = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
-    conc = {s: await concurrency(worker, s, args.tokens) for s in (1, 4, 16)}
+    conc = {s: await median_run(concurrency, worker, s, args.tokens) for s in (1, 4, 16)}
     await worker.stop()
     # the same 16 sessions with prompts prefilled one at a time (no packed prefill)
     serial = Worker(
@@ -219,7 +225,7 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     )  # fmt: skip
     await serial.start()
     await run_request(serial, args.tokens, messages=STORY)  # same cached prefix as above
-    conc_serial = await concurrency(serial, 16, args.tokens)
+    conc_serial = await median_run(concurrency, serial, 16, args.tokens)
     await serial.stop()
     # single stream again with the other decode steps (transformers' last: it re-lays weights)
     others = {}

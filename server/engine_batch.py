@@ -63,11 +63,19 @@ class PrefillSegment:
     lo: int
     hi: int
     mask: torch.Tensor  # [1, 1, Q, K] bool, causal over the row's prefix plus the chunk
+    grouped: torch.Tensor | None = None  # `mask` repeated for grouped query heads
 
     @property
     def end(self) -> int:
         """The row's column after the chunk (its key length)."""
         return self.start + self.hi - self.lo
+
+    def grouped_mask(self, group: int) -> torch.Tensor:
+        """The mask for the chunk's queries repeated `group` times -> [1, 1, G Q, K] (made once
+        per prefill; every layer uses it)."""
+        if self.grouped is None or self.grouped.shape[2] != group * (self.hi - self.lo):
+            self.grouped = self.mask.repeat(1, 1, group, 1)
+        return self.grouped
 
 
 @dataclass
@@ -103,16 +111,25 @@ class PackedPrefill:
 
     def attend(self, layer: int, query: torch.Tensor, scale: float | None) -> torch.Tensor:
         """query [1, H, N, Dh] -> [1, H, N, Dh]: each segment over its row's cached prefix and
-        itself (already written to `layer`)."""
+        itself (already written to `layer`). The G query heads sharing a K/V head go in as one
+        query G times as long, so SDPA reads each K/V head once (same outputs; SmolLM2, 74
+        positions over 882 cached, 2 cores, median of 6 prefills: 158 vs 168 ms in fp32, 124 vs
+        132 ms in bf16 against `enable_gqa`)."""
         buf = self.arena.data[layer]  # [2, R, Hkv, C, Dh]
-        outs = [
-            F.scaled_dot_product_attention(
-                query[:, :, seg.lo : seg.hi], buf[0, seg.row, :, : seg.end][None],
-                buf[1, seg.row, :, : seg.end][None], attn_mask=seg.mask, scale=scale,
-                enable_gqa=buf.shape[2] != query.shape[1],
-            )  # [1, H, Q, Dh]
-            for seg in self.segments
-        ]  # fmt: skip
+        heads, kv_heads, head_dim = query.shape[1], buf.shape[2], query.shape[3]
+        group = heads // kv_heads
+        outs = []
+        for seg in self.segments:
+            q_len = seg.hi - seg.lo
+            q = query[0, :, seg.lo : seg.hi].reshape(1, kv_heads, group * q_len, head_dim)
+            out = F.scaled_dot_product_attention(
+                q,
+                buf[0, seg.row, :, : seg.end][None],
+                buf[1, seg.row, :, : seg.end][None],
+                attn_mask=seg.grouped_mask(group),
+                scale=scale,
+            )  # [1, Hkv, G Q, Dh]
+            outs.append(out.reshape(1, heads, q_len, head_dim))
         return torch.cat(outs, dim=2)  # [1, H, N, Dh]
 
 
