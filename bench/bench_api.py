@@ -21,6 +21,7 @@ from model.llm import load_llm
 from model.speech_llm import SpeechLLM
 from server.app import create_app
 from server.settings import Settings
+from server.threads import on_own_thread, single_threaded
 from tests.e2e.conftest import CHUNK_MS, LiveServer, as_dict, pcm_chunks
 
 text = sys.argv[1] if len(sys.argv) > 1 else "What is the capital of France? Answer in a word."
@@ -29,8 +30,10 @@ subprocess.run(["espeak-ng", "-s", "150", "-w", wav_path, text], check=True)
 speech = load_audio_file(wav_path)
 print(f"spoken question: {speech.shape[0] / 16000:.2f} s")
 t0 = time.perf_counter()
-llm = load_llm("default")
-enc, prompt = load_encoder_spec("default", llm)
+# loaded on threads that end, so the engine's is the only OpenMP pool (server/threads.py)
+llm = on_own_thread(load_llm, "default")
+enc, prompt = on_own_thread(load_encoder_spec, "default", llm)
+single_threaded()
 server = LiveServer(create_app(Settings(), SpeechLLM(llm, enc, prompt))).start()
 print(f"model+app ready in {time.perf_counter() - t0:.2f} s")
 client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)

@@ -192,7 +192,7 @@ class LeanDecode:
         transposed = model.device.type == "cpu" and not compile_row
         self.lm_head = decode_linear([model.get_output_embeddings()], self.packed, transposed)
         self.layers = [self._layer(layer, self.packed, transposed) for layer in model.model.layers]
-        copy = f", oneDNN-packed weight copy for batches (+{weight_bytes / 1e6:.0f} MB)"
+        copy = f", oneDNN-packed weight copy (+{weight_bytes / 1e6:.0f} MB)"
         log.info(
             "lean decode step: %d layers, q/k/v and gate/up fused in place%s", len(self.layers),
             copy if self.packed else "",
