@@ -2,11 +2,12 @@
 
 Own step because a single row's projections are GEMVs bound by how fast the weights stream, and
 on this project's CPUs MKL's and oneDNN's fp32 GEMV stream them at 15-22 GB/s while inductor's
-vectorised multiply-and-sum over [out, in] weights reaches ~33 GB/s (SmolLM2, 2 cores: 16-18 ms
-a step against 35-45 ms). All shapes are static (one row; weights are inputs, not constants), so
-one graph serves every layer and compiles once per model (10-20 s on 2 cores, then from
-inductor's on-disk cache); attention over the growing key range stays eager (SDPA) between the
-compiled pieces, which also write nothing: the step stores K/V in the arena itself.
+vectorised multiply-and-sum over [out, in] weights reaches ~33 GB/s (SmolLM2, 2 cores, the
+engine thread the only OpenMP pool: 16-18 ms a step against 35-45 ms). All shapes are static
+(one row; weights are inputs, not constants), so three graphs serve every layer and compile once
+per model (~20 s on 2 cores; ~10 s at later starts, from inductor's on-disk cache); attention
+over the growing key range stays eager (SDPA) between the compiled pieces, and the step itself
+writes each layer's K/V into the arena.
 
 Dims: H query heads, Hkv key/value heads, Dh head width, D LLM width, I MLP width, V vocabulary.
 """
