@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-# Debian packages the tests and the training data need (espeak-ng synthesizes test speech)
+# Debian packages the tests and the training data need (espeak-ng synthesizes test speech;
+# g++ builds the compiled CPU decode step)
 APT_PACKAGES := espeak-ng sox libsox-fmt-all flite festival festvox-kallpc16k festvox-kdlpc16k \
   festvox-us-slt-hts fortunes fortune-mod wordnet-base dict-gcide dict-devil dict-jargon \
-  asterisk-core-sounds-en-wav
+  asterisk-core-sounds-en-wav g++
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps test test-fast serve lint format clean
@@ -23,6 +24,7 @@ $(STAMP): pyproject.toml
 
 system-deps:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v flite >/dev/null \
+	  && command -v g++ >/dev/null \
 	  && [ -d /usr/share/wordnet ] && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || { \
 	  $(SUDO) apt-get update -q && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $(APT_PACKAGES); }
