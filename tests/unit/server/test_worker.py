@@ -15,6 +15,7 @@ from model.llm import LoadedLLM, load_llm
 from model.messages import AudioPart, TextPart, Turn
 from model.prompt import render_prompt, text_only_ids
 from model.speech_llm import SpeechLLM
+from server import engine_forward
 from server.protocol import Finished, GenerateRequest, TextDelta, Usage
 from server.worker import Worker
 from tests.tiny import tiny_llama_config
@@ -300,3 +301,22 @@ def test_only_the_engine_thread_runs_torch_on_several_threads(varied):
         return engine_threads, encode_threads
 
     assert run(main()) == (2, 1)
+
+
+def test_a_decoder_that_fails_to_build_fails_start(varied, monkeypatch):
+    """Building happens on the engine thread; its error reaches the caller of `start`."""
+
+    def refuse(model, decode_step):
+        raise RuntimeError("cannot pack these weights")
+
+    monkeypatch.setattr(engine_forward, "build_decoder", refuse)
+
+    async def main():
+        worker = Worker(varied)
+        with pytest.raises(RuntimeError, match="cannot pack"):
+            await worker.start()
+        return worker.engine._thread
+
+    thread = run(main())
+    thread.join(timeout=5)
+    assert not thread.is_alive()
