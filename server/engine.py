@@ -64,7 +64,6 @@ class Engine:
         self.max_positions = cfg.max_position_embeddings
         self.prefill_chunk = prefill_chunk  # prompt tokens per step, all prefilling requests
         self.prefill_rows = prefill_rows  # requests prefilled side by side
-        self.packed_ok = False  # several chunks in one forward (set by `_run`)
         self.commands: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self.waiting: deque[EngineRequest] = deque()
         self.prefilling: list[EngineRequest] = []  # rows len(decoding) .. (in any order)
@@ -116,8 +115,6 @@ class Engine:
         except BaseException as exc:  # raised again by `start`
             built.set_exception(exc)
             return
-        # several chunks in one forward: the lean step, or HF with our attention function
-        self.packed_ok = self.lean is not None or self.model.config._attn_implementation == GQA_SDPA
         built.set_result(None)
         with torch.inference_mode():
             while self._drain_commands():
@@ -194,6 +191,11 @@ class Engine:
         req.generator = req.params.make_generator(self.device)
         self.prefilling.append(req)
         return True
+
+    @property
+    def packed_ok(self) -> bool:
+        """Several chunks in one forward: the lean step, or HF with our attention function."""
+        return self.lean is not None or self.model.config._attn_implementation == GQA_SDPA
 
     @property
     def rows_in_use(self) -> int:

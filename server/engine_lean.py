@@ -188,8 +188,7 @@ class LeanDecode:
             compile_row = False
         if compile_row:  # the compiled step streams [out, in] rows: undo an earlier re-layout
             lay_out_for_decode(model, transposed=False)
-        # [in, out] storage suits MKL's GEMV; the compiled step streams [out, in] rows
-        transposed = model.device.type == "cpu" and not compile_row
+        transposed = model.device.type == "cpu" and not compile_row  # [in, out]: MKL's GEMV
         self.lm_head = decode_linear([model.get_output_embeddings()], self.packed, transposed)
         self.layers = [self._layer(layer, self.packed, transposed) for layer in model.model.layers]
         copy = f", oneDNN-packed weight copy (+{weight_bytes / 1e6:.0f} MB)"

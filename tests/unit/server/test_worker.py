@@ -290,8 +290,8 @@ def test_only_the_engine_thread_runs_torch_on_several_threads(varied):
 
     async def main():
         worker = await started(varied, num_threads=2)
-        on_engine = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        on_engine = loop.create_future()
         worker.engine.call(
             lambda: loop.call_soon_threadsafe(on_engine.set_result, torch.get_num_threads())
         )
