@@ -15,6 +15,7 @@ Dims: H query heads, Hkv key/value heads, Dh head width, D LLM width, I MLP widt
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from server.engine_lean import DecodeLinear, LeanDecode
 
 log = logging.getLogger(__name__)
+
+
+def prime_dynamo() -> None:
+    """Trace one trivial function under inference mode on the main thread (eager backend, no
+    code generated). Works around a crash in torch 2.11: when the process's first compile under
+    inference mode runs on a thread that then ends (an engine thread), the next new trace on any
+    other thread segfaults in FakeTensorMode; a first trace on the main thread, which outlives
+    them all, avoids it (tests/unit/server/test_engine_compiled.py reproduces both)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    with torch.inference_mode():
+        torch.compile(lambda x: x + 1, backend="eager", fullgraph=True)(torch.zeros(1))
+
+
+prime_dynamo()  # at import, which happens on the main thread in the server, tests and benches
 
 Weights = tuple[torch.Tensor, torch.Tensor | None]  # [out, in] contiguous, bias [out] or None
 
