@@ -28,7 +28,7 @@ def build_decoder(model: torch.nn.Module, decode_step: str) -> LeanDecode | None
     """Prepare `model` for the engine: the lean step where `decode_step` and the model allow
     (None: transformers' forward), CPU weights laid out for what reads them, GQA attention."""
     refused = lean_support(model) if decode_step != "hf" else "decode_step='hf'"
-    lean = LeanDecode(model, compile_row=decode_step == "compiled") if refused is None else None
+    lean = LeanDecode(model, compiled=decode_step == "compiled") if refused is None else None
     if refused:
         log.info("decode step: transformers' forward (%s)", refused)
     if lean is None or lean.row_step is None:

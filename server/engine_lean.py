@@ -30,6 +30,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
 from server.engine_decode import lay_out_for_decode, make_decode_bias
+from server.engine_graphs import GraphedDecode
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,19 @@ def grouped_attention(
     return torch.matmul(probs, values).view(b, heads, 1, dh)  # [B, H, 1, Dh]
 
 
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama RMSNorm module's output as one `F.rms_norm` (float32 inside, as the module)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [..., Dh] by cos/sin broadcast to it (Llama's half-split pairs,
+    as `apply_rotary_pos_emb`) -> x's shape."""
+    half = x.shape[-1] // 2
+    turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [..., Dh]
+    return torch.addcmul(x * cos, turned, sin)
+
+
 def lean_support(model: torch.nn.Module) -> str | None:
     """None when `LeanDecode` can run this model, else why not."""
     cfg = model.config
@@ -167,11 +181,11 @@ class LeanDecode:
     per row in, its logits out) and a packed prefill of several requests' chunks."""
 
     def __init__(
-        self, model: torch.nn.Module, pack: bool | None = None, compile_row: bool = False
+        self, model: torch.nn.Module, pack: bool | None = None, compiled: bool = False
     ) -> None:
-        """`pack`: keep oneDNN-packed weight copies (default: `should_pack`); `compile_row`:
-        one-row steps through `CompiledRowStep` (CPU; compiled here, falling back to the eager
-        step where compiling fails)."""
+        """`pack`: keep oneDNN-packed weight copies (default: `should_pack`); `compiled`: on CPU,
+        one-row steps through `CompiledRowStep` (compiled here, falling back to the eager step
+        where compiling fails); on CUDA, every step replayed from CUDA graphs (`GraphedDecode`)."""
         reason = lean_support(model)
         if reason is not None:
             raise ValueError(f"lean decode does not support this model: {reason}")
@@ -181,14 +195,17 @@ class LeanDecode:
         self.norm = model.model.norm
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.packed = should_pack(model, weight_bytes) if pack is None else pack
-        if compile_row and model.device.type != "cpu":
-            log.info(
-                "the compiled one-row step is for CPUs; %s decodes with the lean step", model.device
-            )
-            compile_row = False
+        device = model.device.type
+        # CUDA: RMSNorm as one kernel and q/k rotated together (eager steps and prefills are
+        # bound by kernel launches there); CPU keeps the modules' ops, as measured there
+        self.fused_ops = device == "cuda"
+        if compiled and device not in ("cpu", "cuda"):
+            log.info("no compiled decode step for %s; it decodes with the lean step", device)
+            compiled = False
+        compile_row = compiled and device == "cpu"
         if compile_row:  # the compiled step streams [out, in] rows: undo an earlier re-layout
             lay_out_for_decode(model, transposed=False)
-        transposed = model.device.type == "cpu" and not compile_row  # [in, out]: MKL's GEMV
+        transposed = device == "cpu" and not compile_row  # [in, out]: MKL's GEMV
         self.lm_head = decode_linear([model.get_output_embeddings()], self.packed, transposed)
         self.layers = [self._layer(layer, self.packed, transposed) for layer in model.model.layers]
         copy = f", oneDNN-packed weight copy (+{weight_bytes / 1e6:.0f} MB)"
@@ -197,6 +214,7 @@ class LeanDecode:
             copy if self.packed else "",
         )  # fmt: skip
         self.row_step = self._compiled_row_step(model) if compile_row else None
+        self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
 
     def _compiled_row_step(self, model: torch.nn.Module) -> CompiledRowStep | None:
         try:
@@ -226,6 +244,8 @@ class LeanDecode:
         self, arena: Arena, lo: int, hi: int, positions: list[int], tokens: list[int]
     ) -> torch.Tensor:
         """Rows [lo, hi) feed `tokens` at `positions` (their K/V land there) -> logits [B, V]."""
+        if self.graphs is not None:
+            return self.graphs.step(arena, lo, hi, positions, tokens)
         device, rows = arena.device, hi - lo
         if rows == 1 and self.row_step is not None:
             return self.row_step.step(arena, lo, positions[0], tokens[0])
@@ -251,7 +271,41 @@ class LeanDecode:
                 out = grouped_attention(q, keys, values, bias, layer.scaling)  # [B, H, 1, Dh]
             return layer.o_proj(out.reshape(rows, -1))  # [B, D]
 
-        return self.lm_head(self.norm(self._layers(x, attend)))  # [B, V]
+        return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
+
+    @torch.inference_mode()
+    def static_step(
+        self, arena: Arena, lo: int, hi: int, ids: torch.Tensor, pos: torch.Tensor, k_len: int
+    ) -> torch.Tensor:
+        """As `step` with token ids [B] and positions pos [B] as tensors and a fixed key range
+        of `k_len` columns (each row masks those past its position): the same kernels on the
+        same buffers for every position below `k_len`, which a CUDA graph can replay. Fewer
+        kernels than `step` (~18 a layer against ~40; in a graph each costs a few microseconds
+        whatever its size): RMSNorm as one `F.rms_norm`, q and k rotated together, attention as
+        one SDPA call with each K/V head's query heads as its queries."""
+        device, rows = arena.device, hi - lo
+        heads, kv_heads, dh = self.heads, self.kv_heads, self.head_dim
+        x = self.embed(ids)  # [B, D]
+        cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
+        cols = torch.arange(k_len, device=device)  # [K]
+        bias = torch.zeros(rows, 1, 1, k_len, dtype=x.dtype, device=device)
+        bias.masked_fill_((cols[None] > pos[:, None])[:, None, None], torch.finfo(x.dtype).min)
+        row = torch.arange(lo, hi, device=device)  # [B]
+        for index, layer in enumerate(self.layers):
+            qkv = layer.qkv(rms_norm(layer.norm_in, x))  # [B, (H + 2 Hkv) Dh]
+            qk = rotate(qkv[:, : (heads + kv_heads) * dh].view(rows, -1, dh), cos, sin)
+            kv = arena.data[index]  # [2, R, Hkv, C, Dh]
+            kv[0, row, :, pos] = qk[:, heads:]  # [B, Hkv, Dh]
+            kv[1, row, :, pos] = qkv[:, (heads + kv_heads) * dh :].view(rows, kv_heads, dh)
+            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dh)  # [B, Hkv, G, Dh]
+            keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B, Hkv, K, Dh]
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=bias, scale=layer.scaling
+            )  # [B, Hkv, G, Dh]
+            x = x + layer.o_proj(out.reshape(rows, -1))  # [B, D]
+            gate, up = layer.gate_up(rms_norm(layer.norm_post, x)).chunk(2, -1)  # [B, I] each
+            x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
+        return self.lm_head(rms_norm(self.norm, x))  # [B, V]
 
     @torch.inference_mode()
     def prefill(
@@ -273,13 +327,13 @@ class LeanDecode:
             return layer.o_proj(out.reshape(x.shape[0], -1))  # [N, D]
 
         hidden = self._layers(x, attend)  # [N, D]
-        return self.lm_head(self.norm(hidden[packed.last_positions(logits_of)]))  # [n, V]
+        return self.lm_head(self._norm(self.norm, hidden[packed.last_positions(logits_of)]))
 
     def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
         """x [N, D] through every decoder layer; `attend(layer, normed, layer_index)` -> [N, D]."""
         for i, layer in enumerate(self.layers):
-            x = x + attend(layer, layer.norm_in(x), i)
-            gate, up = layer.gate_up(layer.norm_post(x)).chunk(2, -1)  # [N, I] each
+            x = x + attend(layer, self._norm(layer.norm_in, x), i)
+            gate, up = layer.gate_up(self._norm(layer.norm_post, x)).chunk(2, -1)  # [N, I] each
             x = x + layer.down_proj(layer.act(gate) * up)  # [N, D]
         return x
 
@@ -289,6 +343,12 @@ class LeanDecode:
         """h [B, T, D] -> rotated q [B, H, T, Dh], rotated k and v [B, Hkv, T, Dh]."""
         b, t, _ = h.shape
         qkv = layer.qkv(h.reshape(b * t, -1))  # [B T, (H + 2 Hkv) Dh]
+        if self.fused_ops:  # q and k heads rotated together: 4 kernels, not ~10
+            split = self.heads + self.kv_heads
+            heads = qkv.view(b, t, -1, self.head_dim)  # [B, T, H + 2 Hkv, Dh]
+            qk = rotate(heads[:, :, :split], cos[:, :, None], sin[:, :, None])  # [B, T, H+Hkv, Dh]
+            q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)
+            return q, k, heads[:, :, split:].transpose(1, 2)
         q, k, v = (
             qkv.view(b, t, -1, self.head_dim)
             .transpose(1, 2)
@@ -296,3 +356,6 @@ class LeanDecode:
         )  # [B, H, T, Dh], [B, Hkv, T, Dh] x2
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # same shapes
         return q, k, v
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(norm, x) if self.fused_ops else norm(x)

@@ -60,9 +60,10 @@ class Settings(BaseSettings):
     prefill_rows: int = Field(8, ge=1, description="requests prefilled side by side")
     decode_step: Literal["compiled", "lean", "hf"] = Field(
         "compiled",
-        description="'lean': fused Llama step (other models use 'hf'); 'compiled': 'lean' plus a"
-        " one-row step compiled by inductor on CPU (needs a C++ compiler; 10-20 s at the first"
-        " start, then inductor's cache; falls back to 'lean'); 'hf': transformers' forward",
+        description="'lean': fused Llama step (other models use 'hf'); 'compiled': 'lean' plus,"
+        " on CPU, a one-row step compiled by inductor (needs a C++ compiler; 10-20 s at the first"
+        " start, then inductor's cache; falls back to 'lean') and, on CUDA, every decode step"
+        " replayed from CUDA graphs; 'hf': transformers' forward",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
     # generation defaults

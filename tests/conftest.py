@@ -53,16 +53,25 @@ def _write_tiny_llm(out: Path, source: Path, chat_template: str | None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory, default_llm_dir: Path) -> Path:
-    """A random 2-layer Llama with SmolLM2's tokenizer and ChatML template."""
-    return _write_tiny_llm(tmp_path_factory.mktemp("tiny-chatml"), default_llm_dir, None)
+def tokenizer_dir(request: pytest.FixtureRequest) -> Path:
+    """SmolLM2's tokenizer for the tiny Llamas: `SPEECHCHAT_TEST_TOKENIZER` (a folder with its
+    tokenizer files, for a machine without the embedded LLM, e.g. a GPU box), else the
+    embedded LLM's directory."""
+    folder = os.environ.get("SPEECHCHAT_TEST_TOKENIZER")
+    return Path(folder) if folder else request.getfixturevalue("default_llm_dir")
 
 
 @pytest.fixture(scope="session")
-def tiny_llama2_dir(tmp_path_factory: pytest.TempPathFactory, default_llm_dir: Path) -> Path:
+def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer and ChatML template."""
+    return _write_tiny_llm(tmp_path_factory.mktemp("tiny-chatml"), tokenizer_dir, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A random 2-layer Llama whose chat template is Llama-2-chat's `[INST]` format."""
     return _write_tiny_llm(
-        tmp_path_factory.mktemp("tiny-llama2"), default_llm_dir, LLAMA2_CHAT_TEMPLATE
+        tmp_path_factory.mktemp("tiny-llama2"), tokenizer_dir, LLAMA2_CHAT_TEMPLATE
     )
 
 

@@ -69,13 +69,20 @@ def test_other_architectures_are_refused():
     assert lean_support(tiny_model()) is None
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["onednn-packed", "fused-in-place"])
-def test_packed_prefill_then_decode_equals_forward(pack):
+@pytest.mark.parametrize(
+    ("pack", "fused_ops"),
+    [(True, False), (False, False), (False, True)],
+    ids=["onednn-packed", "fused-in-place", "cuda-ops"],
+)
+def test_packed_prefill_then_decode_equals_forward(pack, fused_ops):
     """Three prompts prefilled as one sequence (one of them continuing an earlier chunk in its
-    row), then one decode step for all: the forward's logits at every stage."""
+    row), then one decode step for all: the forward's logits at every stage. `fused_ops`: the
+    one-kernel RMSNorm and joint q/k rotation that CUDA uses."""
     model = tiny_model()
     seqs = [torch.randint(0, VOCAB, (n + 1,)) for n in LENGTHS]  # the last token is decoded
     lean = LeanDecode(model, pack=pack)
+    assert not lean.fused_ops  # CPU's default
+    lean.fused_ops = fused_ops
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
     assert arena.ensure(len(seqs), max(LENGTHS) + 1)
     embed = model.get_input_embeddings()
@@ -124,7 +131,7 @@ def test_compiled_one_row_step_equals_forward_without_recompiling(overrides, cap
     seq = torch.randint(0, VOCAB, (9,))
     expected = model(seq[None]).logits[0]  # [T, V]
     with caplog.at_level("WARNING"):
-        lean = LeanDecode(model, compile_row=True)
+        lean = LeanDecode(model, compiled=True)
     assert lean.row_step is not None, caplog.text
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=2)
     assert arena.ensure(2, len(seq))
@@ -142,7 +149,7 @@ def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, caplog):
     monkeypatch.setattr(CompiledRowStep, "warm_up", refuse)
     model = tiny_model()
     with caplog.at_level("WARNING"):
-        lean = LeanDecode(model, compile_row=True)
+        lean = LeanDecode(model, compiled=True)
     assert lean.row_step is None and "no C++ compiler" in caplog.text
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=1)
     assert arena.ensure(1, 1)

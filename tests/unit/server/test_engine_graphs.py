@@ -1,0 +1,154 @@
+"""CUDA graphs of the lean decode step: the static step (a fixed key range, masked per row)
+equals the forward; the graph bookkeeping (one graph per rows and key block, all dropped when the
+arena grows) holds on any device; on CUDA the captured replays equal the forward and the worker's
+batched sessions equal `generate` token for token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from model.llm import LoadedLLM
+from model.speech_llm import SpeechLLM
+from server.engine_batch import Arena
+from server.engine_graphs import GraphedDecode
+from server.engine_lean import LeanDecode
+from server.kv_cache import KVStore
+from tests.tiny import TINY_LLAMA, tiny_llama_config
+from tests.unit.server.test_worker import TOPICS, answer, started, user
+
+VOCAB = 96
+LENGTHS = (5, 9, 13)  # tokens per row; rows decode together at different positions
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GQA_AND_MHA = pytest.mark.parametrize(
+    "overrides",
+    [{}, {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}],
+    ids=["gqa", "mha-biases"],
+)
+
+
+def tiny_model(device: str = "cpu", dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, **{**TINY_LLAMA, **overrides})
+    return LlamaForCausalLM(config).to(device, dtype).eval().requires_grad_(False)
+
+
+def forward_logits(model: LlamaForCausalLM, seqs: list[torch.Tensor]) -> torch.Tensor:
+    """The forward's logits after each whole sequence -> [len(seqs), V]."""
+    return torch.stack([model(s[None]).logits[0, -1] for s in seqs])
+
+
+def decode_rows(lean: LeanDecode, arena: Arena, seqs: list[torch.Tensor]) -> torch.Tensor:
+    """Each row's prefix one token at a time, alone; then the last tokens together -> [B, V]."""
+    with torch.inference_mode():
+        for row, seq in enumerate(seqs):
+            for pos, token in enumerate(seq[:-1].tolist()):
+                lean.step(arena, row, row + 1, [pos], [token])
+        last = [int(s[-1]) for s in seqs]
+        return lean.step(arena, 0, len(seqs), [len(s) - 1 for s in seqs], last)
+
+
+@GQA_AND_MHA
+def test_static_step_over_a_padded_key_range_equals_the_forward(overrides):
+    model = tiny_model(**overrides)
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
+    expected = forward_logits(model, seqs)  # [3, V]
+    lean = LeanDecode(model, pack=False)
+    lean.fused_ops = True  # CUDA's ops in the eager steps too (one row, then three)
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
+    assert arena.ensure(len(seqs), 300)
+    eager = decode_rows(lean, arena, seqs)  # fills the rows' K/V (the static step rewrites it)
+    torch.testing.assert_close(eager, expected, rtol=1e-4, atol=1e-4)
+    ids = torch.tensor([int(s[-1]) for s in seqs])  # [3]
+    pos = torch.tensor([len(s) - 1 for s in seqs])  # [3]
+    for k_len in (13, 64, arena.capacity):  # the longest row's keys, and padding past them
+        got = lean.static_step(arena, 0, 3, ids, pos, k_len)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_one_graph_per_rows_and_key_block_and_a_new_arena_drops_them():
+    """Bookkeeping without capture (replay runs the static step): one row decoding 24 tokens
+    with blocks of 8 keys needs three graphs; growing the arena mid-way drops them."""
+    model = tiny_model()
+    seq = torch.randint(0, VOCAB, (24,))
+    expected = model(seq[None]).logits[0]  # [T, V]
+    lean = LeanDecode(model, pack=False)
+    graphs = GraphedDecode(lean, block=8, capture=False)
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=2)
+    assert arena.ensure(1, 20)
+    got = []
+    with torch.inference_mode():
+        for pos, token in enumerate(seq.tolist()):
+            if pos == 20:
+                assert graphs.captured == 3 and len(graphs.graphs) == 3
+                assert arena.ensure(2, 300)  # a new, longer tensor: old graphs point elsewhere
+            got.append(graphs.step(arena, 0, 1, [pos], [token]))
+    assert len(graphs.graphs) == 1 and graphs.captured == 4  # the block [16, 24) again
+    assert set(graphs.graphs) == {(0, 1, 24)}
+    torch.testing.assert_close(torch.cat(got), expected, rtol=1e-4, atol=1e-4)
+
+
+@CUDA
+@GQA_AND_MHA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_graph_replays_equal_the_forward(overrides, dtype):
+    model = tiny_model("cuda", dtype, **overrides)
+    seqs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in LENGTHS]
+    expected = forward_logits(model, seqs)  # [3, V]
+    lean = LeanDecode(model, compiled=True)
+    assert lean.graphs is not None and lean.row_step is None
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
+    assert arena.ensure(len(seqs), max(LENGTHS))
+    got = decode_rows(lean, arena, seqs)
+    assert lean.graphs.failed is None
+    assert lean.graphs.captured == 4  # rows 0, 1, 2 alone (one key block each), then all three
+    torch.cuda.synchronize()
+    rtol, atol = (1e-3, 1e-3) if dtype == torch.float32 else (5e-2, 0.2)
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+    # replayed again (same keys): the same logits, no new capture
+    again = decode_rows(lean, arena, seqs)
+    assert lean.graphs.captured == 4
+    torch.testing.assert_close(again, got)
+
+
+@CUDA
+def test_worker_on_cuda_graphs_equals_generate(tiny_llm):
+    """Eight sessions of different lengths decode together from CUDA graphs: each answer is
+    `generate`'s greedy one on the same model."""
+    torch.manual_seed(0)
+    config = tiny_llama_config(tiny_llm.tokenizer)
+    model = LlamaForCausalLM(config).to("cuda").eval().requires_grad_(False)
+    llm = LoadedLLM(model=model, tokenizer=tiny_llm.tokenizer, name="tiny-cuda")
+    convs = [[user(f"Tell me about {TOPICS[i % 6]}. " * (1 + i))] for i in range(8)]
+
+    def reference(turns) -> str:
+        from model.prompt import render_prompt, text_only_ids
+
+        ids = torch.tensor([text_only_ids(render_prompt(llm.tokenizer, turns))], device="cuda")
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+            eos_token_id=llm.eos_token_ids, pad_token_id=llm.eos_token_ids[0],
+        )  # fmt: skip
+        new = [t for t in out[0, ids.shape[1] :].tolist() if t not in llm.eos_token_ids]
+        return llm.tokenizer.decode(new, skip_special_tokens=True)
+
+    async def main():
+        worker = await started(
+            SpeechLLM(llm), max_batch=8, prefill_chunk=16, decode_step="compiled"
+        )
+        graphs = worker.engine.lean.graphs
+        sids = [worker.open_session() for _ in convs]
+        for sid, turns in zip(sids, convs, strict=True):
+            await worker.append_messages(sid, turns)
+        results = await asyncio.gather(*(answer(worker, 20, session_id=s) for s in sids))
+        peak = worker.engine.peak_batch
+        await worker.stop()
+        return results, peak, graphs
+
+    results, peak, graphs = asyncio.run(main())
+    assert peak >= 4 and graphs is not None and graphs.failed is None and graphs.captured > 0
+    for (text, _, _), turns in zip(results, convs, strict=True):
+        assert text == reference(turns)
