@@ -9,6 +9,7 @@ Dims: T positions, D LLM width, V vocabulary.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +104,8 @@ class EngineRequest:
     completion_tokens: int = 0
     finished: bool = False
     streamer: StopStreamer = field(init=False)
+    created: float = field(default_factory=time.perf_counter)  # s, perf_counter
+    first_token_at: float | None = None  # when the first token was sampled (perf_counter)
 
     def __post_init__(self) -> None:
         self.streamer = StopStreamer(self.tokenizer, self.params.stop)
@@ -135,6 +138,8 @@ class EngineRequest:
         if token in self.eos_ids:
             return "stop"
         self.completion_tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         self.next_token = token
         self._send(self.streamer.push(token))
         if self.streamer.stopped:
@@ -155,8 +160,9 @@ class EngineRequest:
         self._send(self.streamer.flush())
         if self.on_done is not None:
             self.on_done(self.reply_text, reason)
+        first = None if self.first_token_at is None else self.first_token_at - self.created
         usage = Usage(
-            self.request_id, self.prompt_tokens, self.completion_tokens, self.cached_tokens
+            self.request_id, self.prompt_tokens, self.completion_tokens, self.cached_tokens, first
         )
         self.emit(usage)
         self.emit(Finished(self.request_id, reason))
