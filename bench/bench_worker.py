@@ -97,9 +97,11 @@ def bytes_per_token(llm: LoadedLLM) -> int:
 
 
 @torch.inference_mode()
-def generate_rate(llm: LoadedLLM, n: int) -> float:
-    """model.generate's decode tokens/s: (n - 1) tokens over t(n) - t(1)."""
+def generate_rate(llm: LoadedLLM, n: int, batch: int = 1) -> float:
+    """model.generate's decode tokens/s over `batch` copies of one prompt: batch (n - 1) tokens
+    over t(n) - t(1)."""
     ids = torch.tensor([text_only_ids(render_prompt(llm.tokenizer, STORY))], device=llm.device)
+    ids = ids.expand(batch, -1)  # [batch, T]
 
     def timed(k: int) -> float:
         sync(llm.device)
@@ -112,7 +114,7 @@ def generate_rate(llm: LoadedLLM, n: int) -> float:
         return time.perf_counter() - t
 
     timed(2)
-    return statistics.median((n - 1) / (timed(n) - timed(1)) for _ in range(REPEATS))
+    return statistics.median(batch * (n - 1) / (timed(n) - timed(1)) for _ in range(REPEATS))
 
 
 async def run_request(worker: Worker, n: int, **target) -> dict[str, float]:
@@ -121,6 +123,7 @@ async def run_request(worker: Worker, n: int, **target) -> dict[str, float]:
     start = time.perf_counter()
     first = last = None
     tokens = prompt = cached = 0
+    first_token = float("nan")
     async for event in worker.generate(request):
         now = time.perf_counter()
         if isinstance(event, TextDelta):
@@ -132,11 +135,12 @@ async def run_request(worker: Worker, n: int, **target) -> dict[str, float]:
                 event.prompt_tokens,
                 event.cached_tokens,
             )
+            first_token = event.first_token_s if event.first_token_s is not None else first_token
     first, last = first or time.perf_counter(), last or time.perf_counter()
     rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else float("nan")
     return {
         "ttft": first - start, "rate": rate, "tokens": tokens, "prefilled": prompt - cached,
-        "cached": cached,
+        "cached": cached, "first_token": first_token,
     }  # fmt: skip
 
 
@@ -169,6 +173,7 @@ async def audio_ttft(
         result = await run_request(worker, reply_tokens, session_id=sid)
         if turn in (1, 10):
             out[f"reuse{turn}"] = result["ttft"]
+            out[f"token{turn}"] = result["first_token"]  # sampled; the text can come later
             out[f"prefilled{turn}"], out[f"cached{turn}"] = result["prefilled"], result["cached"]
             full = await run_request(worker, 1, messages=turns)
             out[f"full{turn}"] = full["ttft"]
@@ -212,10 +217,15 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
         num_threads=args.threads,
     )
     await worker.start()
+    if args.switch_interval is not None:  # after start, which shortens it
+        sys.setswitchinterval(args.switch_interval)
     await run_request(worker, 4, messages=STORY)  # warm-up
     single = await single_stream(worker, args.tokens)
     runs = [await audio_ttft(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
     ttft = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    if args.quick:
+        await worker.stop()
+        return {"single": single, "ttft": ttft}
     conc = {s: await median_run(concurrency, worker, s, args.tokens) for s in (1, 4, 16)}
     await worker.stop()
     # the same 16 sessions with prompts prefilled one at a time (no packed prefill)
@@ -263,6 +273,17 @@ def main() -> None:
     parser.add_argument("--kv-budget-gb", type=float, default=2.0)
     parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
     parser.add_argument("--decode-step", choices=DECODE_STEPS, default="compiled")
+    parser.add_argument(
+        "--quick", action="store_true", help="single stream and TTFT only (no generate timing)"
+    )
+    parser.add_argument(
+        "--switch-interval", type=float, default=None, help="GIL switch interval (s) to run with "
+        "instead of the engine's (server/threads.py)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hf-batch", type=int, default=None, help="also time generate on this many prompts at "
+        "once (default: 16 on CUDA, none on CPU)",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     # as in the server: multi-threaded work off the event loop's thread, on threads that end
@@ -271,13 +292,29 @@ def main() -> None:
     bandwidth = on_own_thread(measure_bandwidth, device, threads=args.threads)
     per_token = bytes_per_token(llm)
     bound = bandwidth / per_token
-    hf = on_own_thread(generate_rate, llm, args.tokens, threads=args.threads)
+    hf = 0.0 if args.quick else on_own_thread(generate_rate, llm, args.tokens, threads=args.threads)
+    hf_batch = args.hf_batch if args.hf_batch is not None else 16 * (device.type == "cuda")
+    hf_batch = 0 if args.quick else hf_batch
+    hf_batched = (
+        on_own_thread(generate_rate, llm, args.tokens, hf_batch, threads=args.threads)
+        if hf_batch
+        else None
+    )
     threads = args.threads or DEFAULT_THREADS
+    gpu = device.type == "cuda"
     single_threaded()
     res = asyncio.run(bench_worker(SpeechLLM(llm), args))
+    if args.quick:
+        single, ttft = res["single"], res["ttft"]
+        print(f"\n{llm.name}, quick run, GIL switch interval {sys.getswitchinterval()} s")
+        print(f"single stream {single['rate']:.1f} tok/s; TTFT turn 1 {1e3 * ttft['reuse1']:.1f} "
+              f"ms, turn 10 reuse {1e3 * ttft['reuse10']:.1f} ms, full {1e3 * ttft['full1']:.1f}"
+              f" / {1e3 * ttft['full10']:.1f} ms; first token sampled {1e3 * ttft['token1']:.1f}"
+              f" / {1e3 * ttft['token10']:.1f} ms")  # fmt: skip
+        return
     single, ttft, conc, serial16 = res["single"], res["ttft"], res["conc"], res["serial16"]
-    gpu = device.type == "cuda"
-    print(f"\n{llm.name} on {args.device} ({llm.dtype}, {threads} threads)")
+    where = torch.cuda.get_device_name(device) if gpu else f"{args.device}, {threads} threads"
+    print(f"\n{llm.name} on {where} ({llm.dtype})")
     print(f"command: python {' '.join(sys.argv)}\n")
     ratio_t10 = ttft["reuse10"] / ttft["reuse1"]
     print_table([
@@ -296,6 +333,9 @@ def main() -> None:
         ("TTFT 5 s audio, turn 10, cache reuse (ms)", f"{1e3 * ttft['reuse10']:.1f}",
          f"{ttft['prefilled10']:.0f} prefilled over {ttft['cached10']:.0f} cached; "
          + ("<= 50 ms" if gpu else "<= 1.3x turn 1")),
+        ("  first token sampled, turn 1 / turn 10 (ms)",
+         f"{1e3 * ttft['token1']:.1f} / {1e3 * ttft['token10']:.1f}",
+         "engine-side; the first text waits when that token is part of a character"),
         ("TTFT 5 s audio, turn 1, full re-prefill (ms)", f"{1e3 * ttft['full1']:.1f}", ""),
         ("TTFT 5 s audio, turn 10, full re-prefill (ms)", f"{1e3 * ttft['full10']:.1f}", ""),
         ("  turn 10 reuse / turn 1", f"{ratio_t10:.2f}x", "<= 1.3x"),
@@ -311,6 +351,9 @@ def main() -> None:
             )
         ],
         ("  16 sessions / single stream", f"{conc[16]['agg'] / conc[1]['agg']:.1f}x", ""),
+        *([(f"model.generate, {hf_batch} prompts at once (tok/s)", f"{hf_batched:.1f}", ""),
+           (f"  16 sessions / generate on {hf_batch}", f"{conc[16]['agg'] / hf_batched:.2f}x",
+            ">= 2x" if gpu else "")] if hf_batched else []),
         ("16 sessions, one prompt per prefill step (tok/s)", f"{serial16['agg']:.1f}", ""),
         ("  TTFT p50 / p99 (ms)",
          f"{1e3 * serial16['p50']:.0f} / {1e3 * serial16['p99']:.0f}", ""),

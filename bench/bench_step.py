@@ -1,0 +1,85 @@
+"""Decode-step time for 1, 4 and 16 rows, eager lean step vs compiled (CUDA graphs on a GPU, the
+compiled one-row step on CPU), against the time to stream the weights once: where a worker's
+decode rate goes, without the worker around it.
+
+Usage:
+  python bench/bench_step.py --llm llama2-7b-random --device cuda --tokenizer DIR
+  python bench/bench_step.py                       # embedded SmolLM2 on this CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_worker import build_llm, bytes_per_token, measure_bandwidth, sync  # noqa: E402
+from server.engine_batch import Arena  # noqa: E402
+from server.engine_lean import LeanDecode  # noqa: E402
+from server.kv_cache import KVStore  # noqa: E402
+from server.threads import on_own_thread  # noqa: E402
+
+STEPS = 48  # steps per timing
+REPEATS = 3  # timings per case; the median is printed
+START = 200  # the rows' first position (a short conversation's cache behind each)
+
+
+def step_ms(lean: LeanDecode, arena: Arena, rows: int) -> float:
+    """Median ms of a step of `rows` rows at positions START.. (after a warm-up pass)."""
+    device = arena.device
+    runs = []
+    with torch.inference_mode():
+        for attempt in range(REPEATS + 1):
+            sync(device)
+            start = time.perf_counter()
+            for pos in range(START, START + STEPS):
+                lean.step(arena, 0, rows, [pos + r for r in range(rows)], [1] * rows)
+            sync(device)
+            if attempt:  # the first pass captures or compiles
+                runs.append((time.perf_counter() - start) / STEPS * 1e3)
+    return statistics.median(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
+    parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    llm = on_own_thread(build_llm, args, threads=args.threads)
+    bandwidth = on_own_thread(measure_bandwidth, device, threads=args.threads)
+    stream_ms = bytes_per_token(llm) / bandwidth * 1e3
+    arena = Arena.for_model(KVStore(64 << 30), llm.model, max_rows=max(args.rows))
+    assert arena.ensure(max(args.rows), START + STEPS + max(args.rows))
+    lean = on_own_thread(LeanDecode, llm.model, None, True, threads=args.threads)
+    compiled = lean.graphs or lean.row_step
+    print(f"\n{llm.name} on {args.device} ({llm.dtype}); weights stream in {stream_ms:.2f} ms "
+          f"at {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
+    print(f"{'rows':>4} {'eager ms':>9} {'compiled ms':>12} {'speed-up':>9} {'bound/compiled':>15}")
+    for rows in args.rows:
+        lean.graphs, lean.row_step = None, None
+        eager = on_own_thread(step_ms, lean, arena, rows, threads=args.threads)
+        if device.type == "cuda":
+            lean.graphs = compiled
+        elif rows == 1:
+            lean.row_step = compiled
+        fast = on_own_thread(step_ms, lean, arena, rows, threads=args.threads)
+        print(f"{rows:>4} {eager:>9.2f} {fast:>12.2f} {eager / fast:>8.2f}x "
+              f"{100 * stream_ms / fast:>14.0f}%")  # fmt: skip
+    if lean.graphs is not None:
+        print(f"CUDA graphs captured: {lean.graphs.captured}; failed: {lean.graphs.failed}")
+
+
+if __name__ == "__main__":
+    main()
