@@ -217,8 +217,6 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
         num_threads=args.threads,
     )
     await worker.start()
-    if args.switch_interval is not None:  # after start, which shortens it
-        sys.setswitchinterval(args.switch_interval)
     await run_request(worker, 4, messages=STORY)  # warm-up
     single = await single_stream(worker, args.tokens)
     runs = [await audio_ttft(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
@@ -277,10 +275,6 @@ def main() -> None:
         "--quick", action="store_true", help="single stream and TTFT only (no generate timing)"
     )
     parser.add_argument(
-        "--switch-interval", type=float, default=None, help="GIL switch interval (s) to run with "
-        "instead of the engine's (server/threads.py)",
-    )  # fmt: skip
-    parser.add_argument(
         "--hf-batch", type=int, default=None, help="also time generate on this many prompts at "
         "once (default: 16 on CUDA, none on CPU)",
     )  # fmt: skip
@@ -306,7 +300,7 @@ def main() -> None:
     res = asyncio.run(bench_worker(SpeechLLM(llm), args))
     if args.quick:
         single, ttft = res["single"], res["ttft"]
-        print(f"\n{llm.name}, quick run, GIL switch interval {sys.getswitchinterval()} s")
+        print(f"\n{llm.name} on {args.device}, quick run")
         print(f"single stream {single['rate']:.1f} tok/s; TTFT turn 1 {1e3 * ttft['reuse1']:.1f} "
               f"ms, turn 10 reuse {1e3 * ttft['reuse10']:.1f} ms, full {1e3 * ttft['full1']:.1f}"
               f" / {1e3 * ttft['full10']:.1f} ms; first token sampled {1e3 * ttft['token1']:.1f}"

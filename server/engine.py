@@ -30,7 +30,7 @@ from server.engine_lean import LeanDecode
 from server.engine_request import EngineRequest, embed_from, sample_rows
 from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
 from server.protocol import FinishReason
-from server.threads import DEFAULT_THREADS, responsive_gil
+from server.threads import DEFAULT_THREADS
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,6 @@ class Engine:
         """Start the engine thread; returns once it has built its forward passes (re-raising
         what building raised)."""
         built: Future[None] = Future()
-        responsive_gil()  # streamed tokens leave while the engine thread runs Python
         self._thread = threading.Thread(
             target=self._run, args=(built,), name="speechchat-engine", daemon=True
         )

@@ -12,7 +12,6 @@ outside the engine (loading a model) runs on a thread that then ends, which free
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,17 +49,3 @@ def on_own_thread(
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-# seconds a thread holding the GIL runs before handing it to a thread waiting for it
-ENGINE_SWITCH_INTERVAL = 0.0005
-
-
-def responsive_gil() -> None:
-    """Shorten Python's GIL switch interval (5 ms by default) to `ENGINE_SWITCH_INTERVAL`.
-    The engine thread runs long stretches of Python that keep the GIL (issuing an eager step's
-    hundreds of kernels, capturing a CUDA graph); at 5 ms the event loop's thread waits that
-    long for each turn at the GIL, and a token already sampled reaches its client late.
-    Process-wide; never lengthens a shorter interval set by the host program."""
-    if sys.getswitchinterval() > ENGINE_SWITCH_INTERVAL:
-        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL)

@@ -3,19 +3,12 @@ one torch thread leaves the others alone."""
 
 from __future__ import annotations
 
-import sys
 import threading
 
 import pytest
 import torch
 
-from server.threads import (
-    DEFAULT_THREADS,
-    ENGINE_SWITCH_INTERVAL,
-    on_own_thread,
-    responsive_gil,
-    single_threaded,
-)
+from server.threads import DEFAULT_THREADS, on_own_thread, single_threaded
 
 
 def test_on_own_thread_returns_the_value_from_another_thread():
@@ -52,16 +45,3 @@ def test_single_threaded_confines_only_the_calling_thread():
         thread.start()
         thread.join()
     assert seen == {"confined": 1, "other": 2}
-
-
-def test_responsive_gil_shortens_the_switch_interval_and_never_lengthens_it():
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)  # Python's default
-        responsive_gil()
-        assert sys.getswitchinterval() == pytest.approx(ENGINE_SWITCH_INTERVAL)
-        sys.setswitchinterval(ENGINE_SWITCH_INTERVAL / 5)  # the host program's own, shorter
-        responsive_gil()
-        assert sys.getswitchinterval() == pytest.approx(ENGINE_SWITCH_INTERVAL / 5)
-    finally:
-        sys.setswitchinterval(before)
