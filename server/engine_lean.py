@@ -41,7 +41,7 @@ PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well
 PACK_PAD = 64  # zero rows added to a packed weight with a multiple of 1024 rows (pack_weight)
 PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-# CUDA prefill attention: masks rule out flash; cuDNN plans per shape (`_prefill_attention`)
+# CUDA prefill attention: masks rule out flash; no cuDNN (`LeanDecode._prefill_attention`)
 PREFILL_SDPA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
@@ -339,11 +339,12 @@ class LeanDecode:
         return self.lm_head(self._norm(self.norm, hidden[packed.last_positions(logits_of)]))
 
     def _prefill_attention(self) -> contextlib.AbstractContextManager:
-        """On CUDA, prefill attention without cuDNN's SDPA backend: every turn's prefill has a
-        new (queries, keys) shape, and cuDNN builds an execution plan per shape (on an H100,
-        7B: a session turn's 70-90-position prefill took 50-60 ms against 13 ms for one
-        position, and the first prefills of new shape classes 0.6 s, the cost of runtime-
-        compiled kernels); the memory-efficient kernel needs no plan."""
+        """On CUDA, prefill attention without cuDNN's SDPA backend. Every turn's prefill has a
+        new (queries, keys) shape; on an H100 (7B, bf16) a session turn's 70-90-position
+        prefill took 50-60 ms against 13 ms for one position, and the first prefills of new
+        shape classes 0.6 s, which is what cuDNN building (and runtime-compiling) a plan per
+        shape would cost; the memory-efficient kernel needs no plan. Not yet measured with
+        this change on a device."""
         if not self.fused_ops:  # CPU
             return contextlib.nullcontext()
         return sdpa_kernel(PREFILL_SDPA_BACKENDS)
