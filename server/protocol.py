@@ -50,8 +50,9 @@ class Usage:
     prompt_tokens: int  # positions prefilled for this request's prompt, audio embeddings included
     completion_tokens: int
     cached_tokens: int  # prompt positions reused from a KV cache instead of recomputed
-    # s from the request reaching the engine to its first token sampled (None: no token); the
-    # first text can come later when that token is part of a character or a stop string
+    # s from the worker taking the request (its prompt planned) to its first token sampled
+    # (None: no token); the first text can come later, when that token is part of a character
+    # or of a possible stop string
     first_token_s: float | None = None
 
 

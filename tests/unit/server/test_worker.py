@@ -4,6 +4,7 @@ sessions of different lengths, turn 5 with cache reuse, after eviction, and with
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -86,14 +87,17 @@ def test_single_stateless_request_equals_generate(varied):
 
     async def main():
         worker = await started(varied)
+        start = time.perf_counter()
         text, usage, reason = await answer(worker, messages=turns)
+        elapsed = time.perf_counter() - start
         await worker.stop()
-        return text, usage, reason
+        return text, usage, reason, elapsed
 
-    text, usage, reason = run(main())
+    text, usage, reason, elapsed = run(main())
     ref = reference_ids(varied, turns, N_NEW)
     assert text == varied.llm.tokenizer.decode(ref, skip_special_tokens=True)
     assert usage.completion_tokens == len(ref) and reason == "length"
+    assert 0.0 < usage.first_token_s < elapsed  # the engine's time to the first token
     assert usage.prompt_tokens == len(text_only_ids(render_prompt(varied.llm.tokenizer, turns)))
 
 
