@@ -141,7 +141,7 @@ class Worker:
     # -- generation ------------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """TextDelta*, Usage, Finished (or ErrorEvent, Finished('error')); see worker-api.md."""
+        """TextDelta*, Usage, Finished (or ErrorEvent, Finished("error")); server/protocol.py."""
         events: asyncio.Queue[Event] = asyncio.Queue()
         req = await self._build_request(request, events)
         session = self._sessions.get(request.session_id or "")
