@@ -41,8 +41,8 @@ PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well
 PACK_PAD = 64  # zero rows added to a packed weight with a multiple of 1024 rows (pack_weight)
 PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
 PACK_DTYPES = (torch.float32, torch.bfloat16)
-# CUDA prefill attention: masks rule out flash; no cuDNN (`LeanDecode._prefill_attention`)
-PREFILL_SDPA_BACKENDS = [
+# CUDA attention: masks rule out flash; no cuDNN (`LeanDecode._attention_backends`)
+CUDA_SDPA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.MATH,
@@ -299,20 +299,21 @@ class LeanDecode:
         bias = torch.zeros(rows, 1, 1, k_len, dtype=x.dtype, device=device)
         bias.masked_fill_((cols[None] > pos[:, None])[:, None, None], torch.finfo(x.dtype).min)
         row = torch.arange(lo, hi, device=device)  # [B]
-        for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(rms_norm(layer.norm_in, x))  # [B, (H + 2 Hkv) Dh]
-            qk = rotate(qkv[:, : (heads + kv_heads) * dh].view(rows, -1, dh), cos, sin)
-            kv = arena.data[index]  # [2, R, Hkv, C, Dh]
-            kv[0, row, :, pos] = qk[:, heads:]  # [B, Hkv, Dh]
-            kv[1, row, :, pos] = qkv[:, (heads + kv_heads) * dh :].view(rows, kv_heads, dh)
-            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dh)  # [B, Hkv, G, Dh]
-            keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B, Hkv, K, Dh]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=bias, scale=layer.scaling
-            )  # [B, Hkv, G, Dh]
-            x = x + layer.o_proj(out.reshape(rows, -1))  # [B, D]
-            gate, up = layer.gate_up(rms_norm(layer.norm_post, x)).chunk(2, -1)  # [B, I] each
-            x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
+        with self._attention_backends():
+            for index, layer in enumerate(self.layers):
+                qkv = layer.qkv(rms_norm(layer.norm_in, x))  # [B, (H + 2 Hkv) Dh]
+                qk = rotate(qkv[:, : (heads + kv_heads) * dh].view(rows, -1, dh), cos, sin)
+                kv = arena.data[index]  # [2, R, Hkv, C, Dh]
+                kv[0, row, :, pos] = qk[:, heads:]  # [B, Hkv, Dh]
+                kv[1, row, :, pos] = qkv[:, (heads + kv_heads) * dh :].view(rows, kv_heads, dh)
+                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dh)  # [B,Hkv,G,Dh]
+                keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B,Hkv,K,Dh]
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=bias, scale=layer.scaling
+                )  # [B, Hkv, G, Dh]
+                x = x + layer.o_proj(out.reshape(rows, -1))  # [B, D]
+                gate, up = layer.gate_up(rms_norm(layer.norm_post, x)).chunk(2, -1)  # [B, I] x2
+                x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
         return self.lm_head(rms_norm(self.norm, x))  # [B, V]
 
     @torch.inference_mode()
@@ -334,20 +335,21 @@ class LeanDecode:
             out = packed.attend(index, q, layer.scaling)[0].transpose(0, 1)  # [N, H, Dh]
             return layer.o_proj(out.reshape(x.shape[0], -1))  # [N, D]
 
-        with self._prefill_attention():
+        with self._attention_backends():
             hidden = self._layers(x, attend)  # [N, D]
         return self.lm_head(self._norm(self.norm, hidden[packed.last_positions(logits_of)]))
 
-    def _prefill_attention(self) -> contextlib.AbstractContextManager:
-        """On CUDA, prefill attention without cuDNN's SDPA backend. Every turn's prefill has a
-        new (queries, keys) shape; on an H100 (7B, bf16) a session turn's 70-90-position
-        prefill took 50-60 ms against 13 ms for one position, and the first prefills of new
-        shape classes 0.6 s, which is what cuDNN building (and runtime-compiling) a plan per
-        shape would cost; the memory-efficient kernel needs no plan. Not yet measured with
-        this change on a device."""
+    def _attention_backends(self) -> contextlib.AbstractContextManager:
+        """On CUDA, attention without cuDNN's SDPA backend (prefills and the graphed step).
+        Every turn's prefill has a new (queries, keys) shape; on an H100 (7B, bf16) a session
+        turn's 70-90-position prefill took 50-60 ms against 13 ms for one position, the first
+        prefills of some new shapes 0.6 s, and capturing a step for a new key block 0.45 s
+        once in a while (9-16 ms otherwise), which is what cuDNN building and runtime-compiling
+        a plan per shape would cost; the memory-efficient kernel needs no plan. Not yet
+        measured with this change on a device."""
         if not self.fused_ops:  # CPU
             return contextlib.nullcontext()
-        return sdpa_kernel(PREFILL_SDPA_BACKENDS)
+        return sdpa_kernel(CUDA_SDPA_BACKENDS)
 
     def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
         """x [N, D] through every decoder layer; `attend(layer, normed, layer_index)` -> [N, D]."""
