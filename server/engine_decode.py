@@ -104,7 +104,12 @@ def make_decode_bias(
     """Rows attend to their columns 0..position -> additive [B, 1, 1, K]; None for one row."""
     if len(positions) == 1:
         return None
-    pos = torch.tensor(positions, device=device)  # [B]
-    cols = torch.arange(max(positions) + 1, device=device)  # [K]
-    bias = torch.zeros(len(positions), 1, 1, cols.shape[0], dtype=dtype, device=device)
+    return position_bias(torch.tensor(positions, device=device), max(positions) + 1, dtype)
+
+
+def position_bias(pos: torch.Tensor, k_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows at positions pos [B] attend to columns 0..position of `k_len` -> additive
+    [B, 1, 1, K] (tensor ops only: a CUDA graph can hold them)."""
+    cols = torch.arange(k_len, device=pos.device)  # [K]
+    bias = torch.zeros(pos.shape[0], 1, 1, k_len, dtype=dtype, device=pos.device)
     return bias.masked_fill_((cols[None] > pos[:, None])[:, None, None], torch.finfo(dtype).min)

@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
-from server.engine_decode import lay_out_for_decode, make_decode_bias
+from server.engine_decode import lay_out_for_decode, make_decode_bias, position_bias
 from server.engine_graphs import GraphedDecode
 
 log = logging.getLogger(__name__)
@@ -287,34 +287,31 @@ class LeanDecode:
     ) -> torch.Tensor:
         """As `step` with token ids [B] and positions pos [B] as tensors and a fixed key range
         of `k_len` columns (each row masks those past its position): the same kernels on the
-        same buffers for every position below `k_len`, which a CUDA graph can replay. Fewer
-        kernels than `step` (~18 a layer against ~40; in a graph each costs a few microseconds
-        whatever its size): RMSNorm as one `F.rms_norm`, q and k rotated together, attention as
-        one SDPA call with each K/V head's query heads as its queries."""
-        device, rows = arena.device, hi - lo
-        heads, kv_heads, dh = self.heads, self.kv_heads, self.head_dim
+        same buffers for every position below `k_len`, which a CUDA graph can replay. With
+        `fused_ops` (CUDA) it runs ~18 kernels a layer against `step`'s ~40 on the module ops
+        (in a graph each costs a few microseconds whatever its size), attention being one SDPA
+        call with each K/V head's query heads as its queries."""
+        rows = hi - lo
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
-        cols = torch.arange(k_len, device=device)  # [K]
-        bias = torch.zeros(rows, 1, 1, k_len, dtype=x.dtype, device=device)
-        bias.masked_fill_((cols[None] > pos[:, None])[:, None, None], torch.finfo(x.dtype).min)
-        row = torch.arange(lo, hi, device=device)  # [B]
+        bias = position_bias(pos, k_len, x.dtype)  # [B, 1, 1, K]
+        row = torch.arange(lo, hi, device=arena.device)  # [B]
+
+        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
+            q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+            kv = arena.data[index]  # [2, R, Hkv, C, Dh]
+            kv[0, row, :, pos] = k[:, :, 0]  # [B, Hkv, Dh]
+            kv[1, row, :, pos] = v[:, :, 0]
+            keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B, Hkv, K, Dh]
+            grouped = q.reshape(rows, self.kv_heads, -1, self.head_dim)  # [B, Hkv, G, Dh]
+            out = F.scaled_dot_product_attention(
+                grouped, keys, values, attn_mask=bias, scale=layer.scaling
+            )  # [B, Hkv, G, Dh]
+            return layer.o_proj(out.reshape(rows, -1))  # [B, D]
+
         with self._attention_backends():
-            for index, layer in enumerate(self.layers):
-                qkv = layer.qkv(rms_norm(layer.norm_in, x))  # [B, (H + 2 Hkv) Dh]
-                qk = rotate(qkv[:, : (heads + kv_heads) * dh].view(rows, -1, dh), cos, sin)
-                kv = arena.data[index]  # [2, R, Hkv, C, Dh]
-                kv[0, row, :, pos] = qk[:, heads:]  # [B, Hkv, Dh]
-                kv[1, row, :, pos] = qkv[:, (heads + kv_heads) * dh :].view(rows, kv_heads, dh)
-                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dh)  # [B,Hkv,G,Dh]
-                keys, values = kv[0, lo:hi, :, :k_len], kv[1, lo:hi, :, :k_len]  # [B,Hkv,K,Dh]
-                out = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=bias, scale=layer.scaling
-                )  # [B, Hkv, G, Dh]
-                x = x + layer.o_proj(out.reshape(rows, -1))  # [B, D]
-                gate, up = layer.gate_up(rms_norm(layer.norm_post, x)).chunk(2, -1)  # [B, I] x2
-                x = x + layer.down_proj(layer.act(gate) * up)  # [B, D]
-        return self.lm_head(rms_norm(self.norm, x))  # [B, V]
+            x = self._layers(x, attend)  # [B, D]
+        return self.lm_head(self._norm(self.norm, x))  # [B, V]
 
     @torch.inference_mode()
     def prefill(
