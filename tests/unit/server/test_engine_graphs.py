@@ -5,20 +5,17 @@ batched sessions equal `generate` token for token."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from model.llm import LoadedLLM
 from model.speech_llm import SpeechLLM
 from server.engine_batch import Arena
 from server.engine_graphs import GraphedDecode
 from server.engine_lean import LeanDecode
 from server.kv_cache import KVStore
-from tests.tiny import TINY_LLAMA, tiny_llama_config
-from tests.unit.server.test_worker import TOPICS, answer, started, user
+from tests.tiny import TINY_LLAMA
+from tests.unit.server.test_worker import eight_batched_sessions_equal_generate, make_varied_llm
 
 VOCAB = 96
 LENGTHS = (5, 9, 13)  # tokens per row; rows decode together at different positions
@@ -118,37 +115,8 @@ def test_cuda_graph_replays_equal_the_forward(overrides, dtype):
 def test_worker_on_cuda_graphs_equals_generate(tiny_llm):
     """Eight sessions of different lengths decode together from CUDA graphs: each answer is
     `generate`'s greedy one on the same model."""
-    torch.manual_seed(0)
-    config = tiny_llama_config(tiny_llm.tokenizer)
-    model = LlamaForCausalLM(config).to("cuda").eval().requires_grad_(False)
-    llm = LoadedLLM(model=model, tokenizer=tiny_llm.tokenizer, name="tiny-cuda")
-    convs = [[user(f"Tell me about {TOPICS[i % 6]}. " * (1 + i))] for i in range(8)]
-
-    def reference(turns) -> str:
-        from model.prompt import render_prompt, text_only_ids
-
-        ids = torch.tensor([text_only_ids(render_prompt(llm.tokenizer, turns))], device="cuda")
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-            eos_token_id=llm.eos_token_ids, pad_token_id=llm.eos_token_ids[0],
-        )  # fmt: skip
-        new = [t for t in out[0, ids.shape[1] :].tolist() if t not in llm.eos_token_ids]
-        return llm.tokenizer.decode(new, skip_special_tokens=True)
-
-    async def main():
-        worker = await started(
-            SpeechLLM(llm), max_batch=8, prefill_chunk=16, decode_step="compiled"
-        )
-        graphs = worker.engine.lean.graphs
-        sids = [worker.open_session() for _ in convs]
-        for sid, turns in zip(sids, convs, strict=True):
-            await worker.append_messages(sid, turns)
-        results = await asyncio.gather(*(answer(worker, 20, session_id=s) for s in sids))
-        peak = worker.engine.peak_batch
-        await worker.stop()
-        return results, peak, graphs
-
-    results, peak, graphs = asyncio.run(main())
-    assert peak >= 4 and graphs is not None and graphs.failed is None and graphs.captured > 0
-    for (text, _, _), turns in zip(results, convs, strict=True):
-        assert text == reference(turns)
+    llm = make_varied_llm(tiny_llm.tokenizer)
+    llm.model.to("cuda")
+    worker = eight_batched_sessions_equal_generate(SpeechLLM(llm), decode_step="compiled")
+    graphs = worker.engine.lean.graphs
+    assert graphs is not None and graphs.failed is None and graphs.captured > 0

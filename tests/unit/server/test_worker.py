@@ -45,7 +45,7 @@ def reference_ids(speech_llm: SpeechLLM, turns: list[Turn], n: int) -> list[int]
     """model.generate's greedy continuation of a text-only conversation."""
     llm = speech_llm.llm
     ids = text_only_ids(render_prompt(llm.tokenizer, turns))
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=llm.device)
     out = llm.model.generate(
         x,
         attention_mask=torch.ones_like(x),
@@ -103,25 +103,30 @@ def test_single_stateless_request_equals_generate(varied):
 
 @pytest.mark.parametrize("decode_step", ["compiled", "lean", "hf"])
 def test_eight_batched_sessions_of_different_lengths_equal_generate(varied, decode_step):
+    lean = eight_batched_sessions_equal_generate(varied, decode_step=decode_step).engine.lean
+    assert (lean is not None) == (decode_step != "hf")
+    assert (lean is not None and lean.row_step is not None) == (decode_step == "compiled")
+
+
+def eight_batched_sessions_equal_generate(speech_llm: SpeechLLM, **worker_args) -> Worker:
+    """Eight sessions of different lengths answered together (20 tokens each): each answer is
+    `generate`'s greedy one. Returns the (stopped) worker."""
     convs = [[user(f"Tell me about {TOPICS[i % 6]}. " * (1 + i))] for i in range(8)]
 
     async def main():
-        worker = await started(varied, max_batch=8, prefill_chunk=16, decode_step=decode_step)
-        lean = worker.engine.lean
-        assert (lean is not None) == (decode_step != "hf")
-        assert (lean is not None and lean.row_step is not None) == (decode_step == "compiled")
+        worker = await started(speech_llm, max_batch=8, prefill_chunk=16, **worker_args)
         sids = [worker.open_session() for _ in convs]
         for sid, turns in zip(sids, convs, strict=True):
             await worker.append_messages(sid, turns)
         results = await asyncio.gather(*(answer(worker, 20, session_id=s) for s in sids))
-        peak = worker.engine.peak_batch
         await worker.stop()
-        return results, peak
+        return results, worker
 
-    results, peak = run(main())
-    assert peak >= 4  # they really decoded together
+    results, worker = run(main())
+    assert worker.engine.peak_batch >= 4  # they really decoded together
     for (text, _, _), turns in zip(results, convs, strict=True):
-        assert text == reference_text(varied, turns, 20)
+        assert text == reference_text(speech_llm, turns, 20)
+    return worker
 
 
 @pytest.mark.parametrize("decode_step", ["lean", "hf"])
