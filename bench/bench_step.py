@@ -19,7 +19,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_worker import build_llm, bytes_per_token, measure_bandwidth, sync  # noqa: E402
+from bench.bench_worker import (  # noqa: E402
+    add_model_args,
+    build_llm,
+    bytes_per_token,
+    measure_bandwidth,
+    sync,
+)
 from server.engine_batch import Arena  # noqa: E402
 from server.engine_lean import LeanDecode  # noqa: E402
 from server.kv_cache import KVStore  # noqa: E402
@@ -48,12 +54,7 @@ def step_ms(lean: LeanDecode, arena: Arena, rows: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llm", default="default")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
-    parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
-    parser.add_argument("--threads", type=int, default=None)
+    add_model_args(parser)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
     device = torch.device(args.device)

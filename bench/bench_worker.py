@@ -47,6 +47,16 @@ LLAMA2_7B = dict(
 STORY = [Turn("user", (TextPart("Write a very long story about a dragon who learns to bake."),))]
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The LLM to measure and where: the options `build_llm` reads, and torch threads."""
+    parser.add_argument("--llm", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
+    parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
+    parser.add_argument("--threads", type=int, default=None)
+
+
 def build_llm(args: argparse.Namespace) -> LoadedLLM:
     if args.llm != "llama2-7b-random":
         return load_llm(args.llm, device=args.device, dtype=args.dtype)
@@ -259,17 +269,12 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llm", default="default")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer dir for llama2-7b-random")
-    parser.add_argument("--threads", type=int, default=None)
+    add_model_args(parser)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prefill-chunk", type=int, default=512, help="tokens per step, all rows")
     parser.add_argument("--prefill-rows", type=int, default=8, help="1: one prompt at a time")
     parser.add_argument("--reply-tokens", type=int, default=24, help="per reply in the session")
     parser.add_argument("--kv-budget-gb", type=float, default=2.0)
-    parser.add_argument("--layers", type=int, default=None, help="shrink llama2-7b-random")
     parser.add_argument("--decode-step", choices=DECODE_STEPS, default="compiled")
     parser.add_argument(
         "--quick", action="store_true", help="single stream and TTFT only (no generate timing)"
