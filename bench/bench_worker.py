@@ -1,5 +1,6 @@
 """Worker benchmark: decode speed vs model.generate and the bandwidth bound, audio-turn TTFT with
-and without cache reuse, and aggregate throughput at 1, 4 and 16 concurrent sessions.
+and without cache reuse, end-of-speech TTFT of audio streamed in real time with and without
+prefilling it as it is heard, and aggregate throughput at 1, 4 and 16 concurrent sessions.
 
 Usage:
   python bench/bench_worker.py                                  # embedded SmolLM2 on this CPU
@@ -23,7 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from model.checkpoint import load_encoder_spec  # noqa: E402
+from model.config import SAMPLE_RATE, encoder_preset  # noqa: E402
 from model.decoding import SamplingParams  # noqa: E402
+from model.encoders import AudioEncoder, build_encoder  # noqa: E402
 from model.llm import LoadedLLM, load_llm, pick_attention  # noqa: E402
 from model.messages import AudioPart, TextPart, Turn  # noqa: E402
 from model.prompt import render_prompt, text_only_ids  # noqa: E402
@@ -36,6 +40,7 @@ from server.worker import Worker  # noqa: E402
 REPEATS = 3  # single-stream, TTFT and concurrency figures are the median of this many runs
 AUDIO_SECONDS = 5.0  # s per spoken turn
 EMBEDDING_RATE = 12.5  # audio embeddings per second (80 ms each)
+PUSH_SECONDS = 0.1  # s of audio per push when streaming in real time
 LLAMA2_7B = dict(
     hidden_size=4096,
     intermediate_size=11008,
@@ -72,6 +77,15 @@ def build_llm(args: argparse.Namespace) -> LoadedLLM:
         model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return LoadedLLM(model=model, tokenizer=tokenizer, name="llama2-7b-random")
+
+
+def build_ears(llm: LoadedLLM, args: argparse.Namespace) -> AudioEncoder:
+    """The shipped encoder with the default LLM; otherwise a random conformer of the LLM's width
+    (for timing, its cost is what counts)."""
+    if args.llm == "default":
+        return load_encoder_spec("default", llm)[0]
+    torch.manual_seed(0)
+    return build_encoder(encoder_preset("small", llm_hidden=llm.hidden_size))
 
 
 def sync(device: torch.device) -> None:
@@ -127,10 +141,13 @@ def generate_rate(llm: LoadedLLM, n: int, batch: int = 1) -> float:
     return statistics.median(batch * (n - 1) / (timed(n) - timed(1)) for _ in range(REPEATS))
 
 
-async def run_request(worker: Worker, n: int, **target) -> dict[str, float]:
-    """One request -> ttft (s), decode rate (tokens/s after the first), completion tokens."""
+async def run_request(
+    worker: Worker, n: int, start: float | None = None, **target
+) -> dict[str, float]:
+    """One request -> ttft (s, from `start`, default now), decode rate (tokens/s after the
+    first), completion tokens."""
     request = GenerateRequest(uuid.uuid4().hex, SamplingParams(max_new_tokens=n), **target)
-    start = time.perf_counter()
+    start = start or time.perf_counter()
     first = last = None
     tokens = prompt = cached = 0
     first_token = float("nan")
@@ -191,6 +208,44 @@ async def audio_ttft(
     return out
 
 
+async def speak_in_real_time(worker: Worker, sid: str, seed: int, reply_tokens: int) -> float:
+    """Push AUDIO_SECONDS of audio (low noise: the encoder's cost, not its words, matters here)
+    in PUSH_SECONDS chunks at the pace it is spoken, commit, answer -> s from the end of speech
+    to the first text."""
+    gen = torch.Generator().manual_seed(seed)
+    wav = (0.05 * torch.randn(int(AUDIO_SECONDS * SAMPLE_RATE), generator=gen)).clamp(-1, 1)
+    pcm = (wav * 32767).to(torch.int16).numpy().tobytes()  # [T_wav] int16
+    step = int(PUSH_SECONDS * SAMPLE_RATE) * 2  # bytes
+    begin = time.perf_counter()
+    for i, start in enumerate(range(0, len(pcm), step)):
+        await asyncio.sleep(max(0.0, begin + (i + 1) * PUSH_SECONDS - time.perf_counter()))
+        await worker.push_audio(sid, pcm[start : start + step], SAMPLE_RATE)
+    end_of_speech = time.perf_counter()
+    await worker.commit_audio(sid)
+    return (await run_request(worker, reply_tokens, end_of_speech, session_id=sid))["ttft"]
+
+
+async def streamed_ttft(worker: Worker, llm: LoadedLLM, reply_tokens: int, seed: int) -> dict:
+    """End of speech to first text, turns 1 and 10, for spoken turns streamed in real time;
+    the turns between are appended as embeddings with a reply each."""
+    out = {}
+    for prefill in (True, False):
+        worker.stream_prefill = prefill
+        sid = worker.open_session(system_prompt="You are a helpful voice assistant.")
+        for turn in range(1, 11):
+            if turn in (1, 10):
+                key = f"{'heard' if prefill else 'commit'}{turn}"
+                seed_t = 1000 * seed + 10 * turn + prefill
+                out[key] = await speak_in_real_time(worker, sid, seed_t, reply_tokens)
+                continue
+            audio = audio_turn(llm.hidden_size, 1000 * seed + turn + 500 * prefill, llm.device)
+            await worker.append_messages(sid, [audio])
+            await run_request(worker, reply_tokens, session_id=sid)
+        worker.close_session(sid)
+    worker.stream_prefill = True
+    return out
+
+
 async def median_run(measure, *args) -> dict[str, float]:
     """The median of REPEATS runs of `measure(*args)`, by aggregate tokens/s."""
     runs = [await measure(*args) for _ in range(REPEATS)]
@@ -229,8 +284,10 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     await worker.start()
     await run_request(worker, 4, messages=STORY)  # warm-up
     single = await single_stream(worker, args.tokens)
-    runs = [await audio_ttft(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
-    ttft = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    ttft = {}
+    for measure in (audio_ttft, streamed_ttft):
+        runs = [await measure(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
+        ttft |= {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     if args.quick:
         await worker.stop()
         return {"single": single, "ttft": ttft}
@@ -302,7 +359,8 @@ def main() -> None:
     threads = args.threads or DEFAULT_THREADS
     gpu = device.type == "cuda"
     single_threaded()
-    res = asyncio.run(bench_worker(SpeechLLM(llm), args))
+    ears = on_own_thread(build_ears, llm, args, threads=args.threads)
+    res = asyncio.run(bench_worker(SpeechLLM(llm, ears), args))
     if args.quick:
         single, ttft = res["single"], res["ttft"]
         print(f"\n{llm.name} on {args.device}, quick run")
@@ -310,6 +368,9 @@ def main() -> None:
               f"ms, turn 10 reuse {1e3 * ttft['reuse10']:.1f} ms, full {1e3 * ttft['full1']:.1f}"
               f" / {1e3 * ttft['full10']:.1f} ms; first token sampled {1e3 * ttft['token1']:.1f}"
               f" / {1e3 * ttft['token10']:.1f} ms")  # fmt: skip
+        print(f"streamed 5 s turn, end of speech to first text, turn 1 / 10: prefilled as heard "
+              f"{1e3 * ttft['heard1']:.1f} / {1e3 * ttft['heard10']:.1f} ms, at the commit "
+              f"{1e3 * ttft['commit1']:.1f} / {1e3 * ttft['commit10']:.1f} ms")  # fmt: skip
         return
     single, ttft, conc, serial16 = res["single"], res["ttft"], res["conc"], res["serial16"]
     where = torch.cuda.get_device_name(device) if gpu else f"{args.device}, {threads} threads"
@@ -338,6 +399,14 @@ def main() -> None:
         ("TTFT 5 s audio, turn 1, full re-prefill (ms)", f"{1e3 * ttft['full1']:.1f}", ""),
         ("TTFT 5 s audio, turn 10, full re-prefill (ms)", f"{1e3 * ttft['full10']:.1f}", ""),
         ("  turn 10 reuse / turn 1", f"{ratio_t10:.2f}x", "<= 1.3x"),
+        ("streamed 5 s turn, end of speech to first text:", "", "real-time pushes, encoder in"),
+        ("  prefilled as heard, turn 1 / turn 10 (ms)",
+         f"{1e3 * ttft['heard1']:.1f} / {1e3 * ttft['heard10']:.1f}",
+         "<= 50 ms" if gpu else ""),
+        ("  prefilled at the commit, turn 1 / turn 10 (ms)",
+         f"{1e3 * ttft['commit1']:.1f} / {1e3 * ttft['commit10']:.1f}", ""),
+        ("  turn 10 / turn 1, prefilled as heard", f"{ttft['heard10'] / ttft['heard1']:.2f}x",
+         "<= 1.3x"),
         *[
             row
             for s, c in conc.items()

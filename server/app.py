@@ -84,6 +84,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         prefill_rows=settings.prefill_rows,
         decode_step=settings.decode_step,
         num_threads=settings.num_threads,
+        stream_window_s=settings.stream_window_s,
+        stream_prefill=settings.stream_prefill,
     )
     await worker.start()
     registry = SessionRegistry(worker, settings.session_idle_timeout_s)

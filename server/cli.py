@@ -29,6 +29,7 @@ FLAGS: dict[str, tuple[type, str]] = {
     "--session-idle-timeout-s": (float, "s before an unused REST session is closed"),
     "--max-batch": (int, "requests decoded together"),
     "--num-threads": (int, "torch threads of the model thread"),
+    "--stream-window-s": (float, "s of streamed audio per window encoded while it arrives"),
     "--default-max-tokens": (int, "tokens when a request names none"),
 }
 

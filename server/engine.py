@@ -11,7 +11,6 @@ Dims: B decoding rows, Q prefill chunk positions, D LLM width, V vocabulary.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -28,7 +27,7 @@ from server.engine_batch import Arena, PackedPrefill, SlotCache
 from server.engine_decode import GQA_SDPA
 from server.engine_lean import LeanDecode
 from server.engine_request import EngineRequest, embed_from, sample_rows
-from server.kv_cache import STATELESS_PREFIX, KVEntry, KVStore
+from server.kv_cache import KVEntry, KVStore
 from server.protocol import FinishReason
 from server.threads import DEFAULT_THREADS
 
@@ -69,7 +68,6 @@ class Engine:
         self.prefilling: list[EngineRequest] = []  # rows len(decoding) .. (in any order)
         self.decoding: list[EngineRequest] = []  # index == arena row
         self.requests: dict[str, EngineRequest] = {}
-        self._names = itertools.count()
         self.peak_batch = 0  # most rows decoded in one step, for tests and benchmarks
         self.peak_prefill_rows = 0  # most requests in one packed prefill
         self._thread: threading.Thread | None = None
@@ -77,8 +75,7 @@ class Engine:
     # -- any thread ------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the engine thread; returns once it has built its forward passes (re-raising
-        what building raised)."""
+        """Start the engine thread; returns once its forward passes are built (or raises)."""
         built: Future[None] = Future()
         self._thread = threading.Thread(
             target=self._run, args=(built,), name="speechchat-engine", daemon=True
@@ -205,7 +202,7 @@ class Engine:
 
     def _prefill_step(self) -> None:
         """Advance the prefilling requests by up to `prefill_chunk` tokens in all (oldest first);
-        requests whose prompt is complete get their first token and start decoding."""
+        complete prompts get their first token and decode (prefill-only ones end there)."""
         if not self.prefilling:
             return
         plan, budget = [], self.prefill_chunk
@@ -221,7 +218,10 @@ class Engine:
             self._forget(req)
             req.fail(err)
         for req, row_logits in logits.items():
-            self._start_decoding(req, row_logits)
+            if req.prefill_only:
+                self._end_prefill(req, "stop")
+            else:
+                self._start_decoding(req, row_logits)
 
     def _prefill_rows(
         self, plan: list[tuple[EngineRequest, int]]
@@ -277,6 +277,13 @@ class Engine:
         reason = req.accept_token(sample_rows([req], logits[None])[0])
         if reason is not None:
             self._retire([(req, reason, None)])
+
+    def _end_prefill(self, req: EngineRequest, reason: FinishReason) -> None:
+        """A request leaves prefill: the KV computed so far is kept, its row goes to others."""
+        self._save_kv(req)
+        self._drop_prefill(req)
+        self._forget(req)
+        req.finish(reason)
 
     def _drop_prefill(self, req: EngineRequest) -> None:
         """Take a request out of prefill; the last prefill row fills its row."""
@@ -375,26 +382,19 @@ class Engine:
 
     def _save_kv(self, req: EngineRequest) -> None:
         """Store a finished row's KV under its session, or as a reusable stateless prefix."""
-        if not req.row_keys:
-            return
-        entry = KVEntry(self.arena.extract(req.row, len(req.row_keys)), list(req.row_keys))
-        if req.supersedes is not None:
-            self.store.free(req.supersedes)
-        key = req.session_key or f"{STATELESS_PREFIX}{next(self._names)}"
-        if not self.store.allocate(key, entry):
-            log.info("KV of %s (%d bytes) exceeds the budget; not kept", key, entry.nbytes)
+        if req.row_keys:
+            entry = KVEntry(self.arena.extract(req.row, len(req.row_keys)), list(req.row_keys))
+            self.store.keep(entry, req.session_key, req.supersedes)
 
     def _cancel(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None:
             return
         if req in self.prefilling:
-            self._save_kv(req)  # the prefix computed so far stays useful
-            self._drop_prefill(req)
+            self._end_prefill(req, "cancelled")  # the prefix computed so far stays useful
         elif req in self.waiting:
             self.waiting.remove(req)
+            self._forget(req)
+            req.finish("cancelled")
         else:
             self._retire([(req, "cancelled", None)])
-            return
-        self._forget(req)
-        req.finish("cancelled")

@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from model.decoding import SamplingParams, StopStreamer, select_tokens
 from model.errors import MessageFormatError, SpeechChatModelError
 from model.messages import Turn
-from model.prompt import AudioSpan, Segment, render_prompt
+from model.prompt import AudioSpan, Segment, prompt_length, render_prompt
 from server.kv_cache import PositionKey
 from server.protocol import ErrorEvent, Event, Finished, FinishReason, TextDelta, Usage
 
@@ -45,6 +45,16 @@ def plan_prompt(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> Pr
         else:
             keys.extend(seg)
     return PromptPlan(segments, keys)
+
+
+def plan_heard(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> PromptPlan:
+    """The plan of turns whose last one is speech still arriving, cut after its audio: the
+    positions a streamed turn shares with its final prompt, whatever text closes it."""
+    plan = plan_prompt(tokenizer, turns)
+    last = max(i for i, s in enumerate(plan.segments) if isinstance(s, AudioSpan))
+    segments = plan.segments[: last + 1]
+    length = prompt_length(segments, lambda part: part.embeddings.shape[0])
+    return PromptPlan(segments, plan.keys[:length])
 
 
 def embed_from(
@@ -92,6 +102,7 @@ class EngineRequest:
     emit: EmitFn
     session_key: str | None = None  # the store key of a session's cache, None when stateless
     on_done: DoneFn | None = None  # gets the reply text when a stateful reply ends
+    prefill_only: bool = False  # keep the prompt's KV under `session_key`, answer nothing
     # filled in by the engine
     generator: torch.Generator | None = None
     row: int = -1

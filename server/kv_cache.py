@@ -11,6 +11,7 @@ Dims: L layers, H key/value heads, T positions, Dh head width.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -69,6 +70,7 @@ class KVStore:
         self._reserved = 0  # bytes held by the decode arena
         self.evictions = 0
         self.peak_bytes = 0
+        self._names = itertools.count()  # stateless entries
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -111,6 +113,17 @@ class KVStore:
         if key.startswith(STATELESS_PREFIX):
             self._trim_stateless()
         return True
+
+    def keep(self, entry: KVEntry, session_key: str | None, supersedes: str | None) -> bool:
+        """Store a finished row's KV under its session, or as a new stateless prefix (dropping
+        the stateless entry it contains whole); False when it does not fit."""
+        if supersedes is not None:
+            self.free(supersedes)
+        key = session_key or f"{STATELESS_PREFIX}{next(self._names)}"
+        if self.allocate(key, entry):
+            return True
+        log.info("KV of %s (%d bytes) exceeds the budget; not kept", key, entry.nbytes)
+        return False
 
     def get(self, key: str) -> KVEntry | None:
         """The entry under `key`, marked as most recently used."""

@@ -8,7 +8,10 @@ Streaming audio: the encoders are full-context, so a stream is cut into windows 
 only the remainder (under `window_s + STREAM_MIN_TAIL` seconds) is encoded, so the time from end
 of speech to prompt stays near one window's encoding. The price: no window sees the audio of
 its neighbours (and each is normalised on its own), which moves its embeddings slightly away
-from a whole-utterance encoding; `window_s = 0` encodes everything at commit instead.
+from a whole-utterance encoding; `window_s = 0` encodes everything at commit instead. The
+worker also prefills encoded windows into the session's KV cache before the commit, so a
+stream's positions are keyed by the stream (`AudioStream.key`), not by the samples' hash: they
+stand for windowed embeddings, which a whole encoding of the same samples would not match.
 
 Dims: T_wav samples, T embeddings, D LLM width.
 """
@@ -16,6 +19,7 @@ Dims: T_wav samples, T embeddings, D LLM width.
 from __future__ import annotations
 
 import uuid
+from asyncio import Task
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -26,7 +30,7 @@ import torchaudio
 from model.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 from model.config import SAMPLE_RATE
 from model.errors import AudioDecodeError
-from model.messages import AudioPart, TextPart, Turn, audio_part_from_waveform
+from model.messages import AudioPart, TextPart, Turn
 from server.kv_cache import SESSION_PREFIX
 from server.protocol import TurnInfo
 
@@ -55,20 +59,17 @@ class AudioStream:
     """Samples pushed so far, the windows already sent to the encoder, and the rest."""
 
     def __init__(self, window_s: float) -> None:
+        self.key = f"stream-{uuid.uuid4().hex}"  # the identity of its embeddings
         self.window = int(window_s * SAMPLE_RATE)  # samples; 0: no background encoding
         self.tail = int(STREAM_MIN_TAIL * SAMPLE_RATE)  # samples
-        self.chunks: list[torch.Tensor] = []  # every sample, for the turn's content hash
+        self.samples = 0  # pushed so far
         self.pending: list[torch.Tensor] = []  # samples not yet sent to the encoder
         self.pending_len = 0
         self.windows: list[Future[torch.Tensor]] = []  # embeddings [T, D] of sent windows
 
-    @property
-    def samples(self) -> int:
-        return sum(c.shape[0] for c in self.chunks)
-
     def push(self, wav: torch.Tensor) -> list[torch.Tensor]:
         """Add samples [T_wav]; return the whole windows now ready for background encoding."""
-        self.chunks.append(wav)
+        self.samples += wav.shape[0]
         self.pending.append(wav)
         self.pending_len += wav.shape[0]
         ready = []
@@ -84,9 +85,13 @@ class AudioStream:
         self.pending, self.pending_len = [], 0
         return rest
 
+    @property
+    def window_seconds(self) -> float:
+        return self.window / SAMPLE_RATE
+
     def whole(self) -> AudioPart:
-        """Every pushed sample as an audio part (waveform and content hash)."""
-        return audio_part_from_waveform(torch.cat(self.chunks))  # digest over [T_wav]
+        """The pushed audio as a part keyed by the stream, waiting for its embeddings."""
+        return AudioPart(self.key, duration=self.samples / SAMPLE_RATE)
 
 
 @dataclass
@@ -97,6 +102,8 @@ class Session:
     turns: list[Turn]
     stream: AudioStream
     active_request: str | None = None
+    prefill: Task[None] | None = None  # the latest prefill of streamed audio, done or not
+    prefill_request: str | None = None  # its engine request while one runs
     audio_seconds: float = 0.0
     closed: bool = False
 

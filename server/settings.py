@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         " replayed from CUDA graphs; 'hf': transformers' forward",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
+    stream_window_s: float = Field(
+        3.0, ge=0, description="s of streamed audio encoded per window while the user speaks; 0: "
+        "encode at commit",
+    )  # fmt: skip
+    stream_prefill: bool = Field(
+        True, description="prefill encoded windows into the session's KV cache before the commit"
+    )
     # generation defaults
     default_max_tokens: int = Field(256, ge=1, description="tokens when a request names none")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask")

@@ -4,25 +4,33 @@ Event-loop side only: sessions live here and are touched on the loop thread alon
 audio decoding and encoding run on one encoder thread; forward passes run on the engine thread
 (server/engine.py), whose events come back through `loop.call_soon_threadsafe` into one
 `asyncio.Queue` per request. No tensor leaves this module.
+
+Streamed audio is prefilled as it is heard: each encoded window goes into the session's KV cache
+at once (a prefill-only engine request, one at a time per session, none while it answers), so
+the commit prefills only the last window and the turn's closing tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
+from asyncio import Task
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
+from model.decoding import SamplingParams
 from model.errors import MessageFormatError
 from model.messages import AudioPart, Turn, parse_messages
 from model.speech_llm import SpeechLLM
 from server.engine import Engine
-from server.engine_request import EngineRequest, PromptPlan, plan_prompt
+from server.engine_request import EngineRequest, PromptPlan, plan_heard, plan_prompt
 from server.kv_cache import KVStore
 from server.protocol import (
+    ErrorEvent,
     Event,
     Finished,
     FinishReason,
@@ -34,6 +42,7 @@ from server.protocol import (
 )
 from server.sessions import (
     STREAM_WINDOW,
+    AudioStream,
     Session,
     check_commit_length,
     decode_pcm16,
@@ -45,6 +54,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes
 T = TypeVar("T")
+Windows = list[Future[torch.Tensor]]  # encoder outputs [T, D] of streamed windows
 
 
 class Worker:
@@ -62,6 +72,7 @@ class Worker:
         decode_step: str = "lean",
         num_threads: int | None = None,
         stream_window_s: float = STREAM_WINDOW,
+        stream_prefill: bool = True,
     ) -> None:
         self.speech_llm = speech_llm
         self.store = KVStore(kv_budget_bytes)
@@ -76,6 +87,7 @@ class Worker:
         )
         self.max_sessions = max_sessions
         self.stream_window_s = stream_window_s
+        self.stream_prefill = stream_prefill
         self._sessions: dict[str, Session] = {}
         # decoding and encoding audio here run single-threaded: the engine owns the cores
         self._pool = ThreadPoolExecutor(
@@ -93,6 +105,9 @@ class Worker:
 
     async def stop(self) -> None:
         """Cancel every request and join the engine thread."""
+        for session in self._sessions.values():
+            if session.prefill is not None:
+                session.prefill.cancel()
         await asyncio.to_thread(self.engine.stop)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -112,8 +127,9 @@ class Worker:
         session = self._session(session_id)
         del self._sessions[session_id]
         session.closed = True
-        if session.active_request is not None:
-            self.engine.cancel(session.active_request)
+        for request_id in (session.active_request, session.prefill_request):
+            if request_id is not None:
+                self.engine.cancel(request_id)
         key = session.store_key
         self.engine.call(lambda: self.store.free(key))  # after the cancel has kept it
 
@@ -166,8 +182,7 @@ class Worker:
     ) -> EngineRequest:
         if (request.session_id is None) == (request.messages is None):
             raise MessageFormatError("a request names either a session_id or messages")
-        loop = self._running_loop()
-        on_done = None
+        on_done, session_key = None, None
         if request.session_id is not None:
             session = self._session(request.session_id)
             if session.active_request is not None:
@@ -175,31 +190,43 @@ class Worker:
                     f"session {session.session_id} is answering {session.active_request}"
                 )
             turns = list(session.turns)
-            session.active_request = request.request_id
+            session.active_request = request.request_id  # no new prefill of streamed audio
             try:
+                while session.prefill is not None and not session.prefill.done():
+                    await asyncio.shield(session.prefill)  # its KV is this prompt's prefix
                 plan = await self._off_loop(self._plan, turns)
             except BaseException:
                 session.active_request = None
                 raise
-            on_done = self._reply_callback(session, loop)
+            on_done, session_key = self._reply_callback(session), session.store_key
         else:
             turns = await self._off_loop(self._prepare_turns, request.messages, True)
             plan = await self._off_loop(self._plan, turns)
             self._count_audio(turns)
+        return self._engine_request(
+            request.request_id, request.params, plan, events, session_key=session_key,
+            on_done=on_done,
+        )  # fmt: skip
+
+    def _engine_request(
+        self, request_id: str, params: SamplingParams, plan: PromptPlan,
+        events: asyncio.Queue[Event], **kwargs: Any,
+    ) -> EngineRequest:  # fmt: skip
+        """A request whose events the engine thread puts on `events` through the loop."""
+        loop = self._running_loop()
         return EngineRequest(
-            request_id=request.request_id,
-            params=request.params,
+            request_id=request_id,
+            params=params,
             plan=plan,
             tokenizer=self.speech_llm.llm.tokenizer,
             eos_ids=self._eos,
             emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-            session_key=self._sessions[request.session_id].store_key if on_done else None,
-            on_done=on_done,
+            **kwargs,
         )
 
-    def _reply_callback(
-        self, session: Session, loop: asyncio.AbstractEventLoop
-    ) -> Callable[[str, FinishReason], None]:
+    def _reply_callback(self, session: Session) -> Callable[[str, FinishReason], None]:
+        loop = self._running_loop()
+
         def on_done(text: str, reason: FinishReason) -> None:  # engine thread
             loop.call_soon_threadsafe(self._append_reply, session, text)
 
@@ -242,6 +269,10 @@ class Worker:
         for window in stream.push(wav):
             if self.speech_llm.encoder is not None:
                 stream.windows.append(self._pool.submit(self.speech_llm.encoder.encode_one, window))
+                if self.stream_prefill:
+                    session.prefill = asyncio.ensure_future(
+                        self._prefill_heard(session, stream, list(stream.windows), session.prefill)
+                    )
 
     async def commit_audio(self, session_id: str) -> float:
         """The buffered audio becomes a user turn; returns its seconds."""
@@ -269,6 +300,47 @@ class Worker:
 
     def clear_audio(self, session_id: str) -> None:
         self._session(session_id).reset_stream(self.stream_window_s)
+
+    async def _prefill_heard(
+        self, session: Session, stream: AudioStream, windows: Windows, previous: Task[None] | None
+    ) -> None:
+        """Prefill the history plus the stream's encoded windows into the session's cache.
+        Skipped once the stream is committed or cleared, or while the session answers."""
+        if previous is not None:
+            await asyncio.wait([previous])  # one at a time: a prefill holds the session's cache
+
+        sid = session.session_id
+
+        def idle() -> bool:
+            return not session.closed and session.stream is stream and not session.active_request
+
+        try:
+            if not idle():
+                return
+            plan = await self._off_loop(self._plan_heard, list(session.turns), stream, windows)
+            if not idle():  # checked again after the wait, then submitted at once
+                return
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            req = self._engine_request(
+                uuid.uuid4().hex, SamplingParams(), plan, events,
+                session_key=session.store_key, prefill_only=True,
+            )  # fmt: skip
+            session.prefill_request = req.request_id
+            self.engine.submit(req)
+            while not isinstance(event := await events.get(), Finished):
+                if isinstance(event, ErrorEvent):
+                    log.warning("streamed-audio prefill of %s failed: %s", sid, event.message)
+        except Exception as err:  # only a head start: the commit's request prefills the rest
+            log.warning("streamed-audio prefill of %s failed: %s", sid, err)
+        finally:
+            session.prefill_request = None
+
+    def _plan_heard(self, turns: list[Turn], stream: AudioStream, windows: Windows) -> PromptPlan:
+        """Encoder thread (after the windows, which it encoded): history + the audio so far."""
+        emb = torch.cat([w.result() for w in windows])  # [T, D]
+        seconds = len(windows) * stream.window_seconds
+        part = AudioPart(stream.key, seconds, embeddings=emb)
+        return plan_heard(self.speech_llm.llm.tokenizer, [*turns, Turn("user", (part,))])
 
     # -- figures ---------------------------------------------------------------------------
 

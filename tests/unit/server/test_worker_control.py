@@ -1,4 +1,4 @@
-"""Cancellation, failures that stay with their request, sessions, streaming audio, the KV store."""
+"""Cancellation, failures that stay with their request, sessions, the KV store."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from model.config import SAMPLE_RATE, encoder_preset
 from model.decoding import SamplingParams
-from model.encoders import build_encoder
-from model.errors import AudioDecodeError, MessageFormatError
+from model.errors import MessageFormatError
 from model.messages import AudioPart, TextPart, Turn
 from model.speech_llm import SpeechLLM
 from server.kv_cache import KVEntry, KVStore
@@ -22,7 +20,6 @@ from server.protocol import (
     UnknownSessionError,
     WorkerBusyError,
 )
-from server.sessions import decode_pcm16
 from tests.unit.server.test_worker import answer, make_varied_llm, reference_text, run, started
 
 QUESTION = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -31,18 +28,6 @@ QUESTION = [{"role": "user", "content": "Tell me a story about a cat."}]
 @pytest.fixture(scope="module")
 def varied(tiny_llm) -> SpeechLLM:
     return SpeechLLM(make_varied_llm(tiny_llm.tokenizer))
-
-
-@pytest.fixture(scope="module")
-def with_ears(tiny_llm) -> SpeechLLM:
-    llm = make_varied_llm(tiny_llm.tokenizer)
-    torch.manual_seed(1)
-    encoder = build_encoder(encoder_preset("tiny", llm_hidden=llm.hidden_size))
-    return SpeechLLM(llm, encoder.eval())
-
-
-def pcm16(wav: torch.Tensor) -> bytes:
-    return (wav.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
 
 
 def test_cancel_mid_generation_frees_the_slot_and_cache(varied):
@@ -183,53 +168,6 @@ def test_session_api_errors(varied):
         await worker.stop()
 
     run(main())
-
-
-def test_streamed_audio_is_encoded_while_arriving(with_ears, speak):
-    wav = speak("The quick brown fox jumps over the lazy dog near the river bank today.")
-    chunk = SAMPLE_RATE // 5  # 200 ms pushes
-
-    async def main():
-        worker = await started(with_ears, stream_window_s=1.0)
-        sid = worker.open_session()
-        for start in range(0, wav.shape[0], chunk):
-            await worker.push_audio(sid, pcm16(wav[start : start + chunk]), SAMPLE_RATE)
-        windows = len(worker._sessions[sid].stream.windows)
-        seconds = await worker.commit_audio(sid)
-        text, usage, _ = await answer(worker, session_id=sid)
-        with pytest.raises(AudioDecodeError):
-            await worker.commit_audio(sid)  # the buffer is empty again
-        history, stats = worker.history(sid), worker.stats()
-        await worker.stop()
-        return windows, seconds, history, stats, usage
-
-    windows, seconds, history, stats, usage = run(main())
-    assert windows >= 2
-    assert seconds == pytest.approx(wav.shape[0] / SAMPLE_RATE, abs=0.01)
-    assert history[0].audio_seconds == [pytest.approx(seconds)]
-    assert stats.audio_seconds_total == pytest.approx(seconds)
-    assert usage.prompt_tokens > seconds * 10  # one embedding per 80 ms
-
-
-def test_unwindowed_stream_equals_whole_encoding(with_ears):
-    gen = torch.Generator().manual_seed(0)
-    wav = (0.1 * torch.randn(SAMPLE_RATE * 2, generator=gen)).clamp(-1, 1)
-    wav8k = wav[::2]  # pushed at 8 kHz, resampled to 16 kHz inside
-
-    async def main():
-        worker = await started(with_ears, stream_window_s=0.0)
-        sid = worker.open_session()
-        await worker.push_audio(sid, pcm16(wav8k), 8000)
-        await worker.commit_audio(sid)
-        part = worker._sessions[sid].turns[-1].parts[0]
-        await worker.stop()
-        return part
-
-    part = run(main())
-    assert part.waveform is None and part.duration == pytest.approx(2.0, abs=0.01)
-    expected = with_ears.encoder.encode_one(decode_pcm16(pcm16(wav8k), 8000))  # [T, D]
-    assert expected.shape[0] >= 20  # about one embedding per 80 ms
-    assert torch.equal(part.embeddings, expected)
 
 
 def test_kv_store_evicts_lru_and_never_exceeds_budget():

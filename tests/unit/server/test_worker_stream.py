@@ -1,0 +1,167 @@
+"""Streaming audio: windows encoded while the user speaks, and prefilled into the session's cache
+before the commit."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from model.config import SAMPLE_RATE, encoder_preset
+from model.encoders import build_encoder
+from model.errors import AudioDecodeError
+from model.messages import AudioPart, TextPart, Turn
+from model.speech_llm import SpeechLLM
+from server.engine_request import plan_heard, plan_prompt
+from server.sessions import decode_pcm16
+from server.worker import Worker
+from tests.unit.server.test_worker import answer, make_varied_llm, run, started
+
+SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today."
+CHUNK = SAMPLE_RATE // 5  # 200 ms pushes
+QUESTION = [{"role": "user", "content": "Tell me a story about a cat."}]
+
+
+@pytest.fixture(scope="module")
+def with_ears(tiny_llm) -> SpeechLLM:
+    llm = make_varied_llm(tiny_llm.tokenizer)
+    torch.manual_seed(1)
+    encoder = build_encoder(encoder_preset("tiny", llm_hidden=llm.hidden_size))
+    return SpeechLLM(llm, encoder.eval())
+
+
+def pcm16(wav: torch.Tensor) -> bytes:
+    return (wav.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+
+
+async def stream(worker: Worker, sid: str, wav: torch.Tensor) -> None:
+    """Push `wav` in 200 ms chunks, then wait until what was heard is prefilled."""
+    for start in range(0, wav.shape[0], CHUNK):
+        await worker.push_audio(sid, pcm16(wav[start : start + CHUNK]), SAMPLE_RATE)
+    session = worker._sessions[sid]
+    if session.prefill is not None:
+        await session.prefill
+
+
+def test_streamed_audio_is_encoded_while_arriving(with_ears, speak):
+    wav = speak(SENTENCE)
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=1.0)
+        sid = worker.open_session()
+        await stream(worker, sid, wav)
+        windows = len(worker._sessions[sid].stream.windows)
+        seconds = await worker.commit_audio(sid)
+        text, usage, _ = await answer(worker, session_id=sid)
+        with pytest.raises(AudioDecodeError):
+            await worker.commit_audio(sid)  # the buffer is empty again
+        history, stats = worker.history(sid), worker.stats()
+        await worker.stop()
+        return windows, seconds, history, stats, usage
+
+    windows, seconds, history, stats, usage = run(main())
+    assert windows >= 2
+    assert seconds == pytest.approx(wav.shape[0] / SAMPLE_RATE, abs=0.01)
+    assert history[0].audio_seconds == [pytest.approx(seconds)]
+    assert stats.audio_seconds_total == pytest.approx(seconds)
+    assert usage.prompt_tokens > seconds * 10  # one embedding per 80 ms
+
+
+def test_unwindowed_stream_equals_whole_encoding(with_ears):
+    gen = torch.Generator().manual_seed(0)
+    wav = (0.1 * torch.randn(SAMPLE_RATE * 2, generator=gen)).clamp(-1, 1)
+    wav8k = wav[::2]  # pushed at 8 kHz, resampled to 16 kHz inside
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=0.0)
+        sid = worker.open_session()
+        await worker.push_audio(sid, pcm16(wav8k), 8000)
+        await worker.commit_audio(sid)
+        part = worker._sessions[sid].turns[-1].parts[0]
+        await worker.stop()
+        return part
+
+    part = run(main())
+    assert part.waveform is None and part.duration == pytest.approx(2.0, abs=0.01)
+    expected = with_ears.encoder.encode_one(decode_pcm16(pcm16(wav8k), 8000))  # [T, D]
+    assert expected.shape[0] >= 20  # about one embedding per 80 ms
+    assert torch.equal(part.embeddings, expected)
+
+
+def test_heard_plan_is_the_prefix_of_the_final_prompt(tiny_llm):
+    audio = torch.randn(30, 8)  # [T, D]
+    history = [
+        Turn("system", (TextPart("Be brief."),)),
+        Turn("user", (TextPart("Hi there."),)),
+        Turn("assistant", (TextPart("Hello!"),)),
+    ]
+
+    def spoken(n: int) -> Turn:
+        return Turn("user", (AudioPart("stream-x", n / 12.5, embeddings=audio[:n]),))
+
+    heard = plan_heard(tiny_llm.tokenizer, [*history, spoken(12)])
+    final = plan_prompt(tiny_llm.tokenizer, [*history, spoken(30)])
+    assert heard.keys[-1] == ("stream-x", 11)  # cut right after the audio heard so far
+    assert final.keys[: len(heard.keys)] == heard.keys
+    assert len(final.keys) > len(heard.keys) + 18  # the rest of the audio and the closing text
+
+
+def test_heard_windows_are_prefilled_before_the_commit(with_ears, speak):
+    """The commit's request finds the windows' positions cached and answers as it would have
+    without the head start, token for token."""
+    wav = speak(SENTENCE)
+
+    async def spoken_turn(prefill: bool):
+        worker = await started(with_ears, stream_window_s=1.0, stream_prefill=prefill)
+        sid = worker.open_session()
+        await worker.append_messages(sid, QUESTION)
+        await answer(worker, session_id=sid)
+        await stream(worker, sid, wav)
+        heard = sum(w.result().shape[0] for w in worker._sessions[sid].stream.windows)
+        await worker.commit_audio(sid)
+        text, usage, _ = await answer(worker, session_id=sid)
+        stats = worker.stats()
+        await worker.stop()
+        return text, usage, heard, stats
+
+    text, usage, heard, stats = run(spoken_turn(True))
+    base_text, base_usage, base_heard, _ = run(spoken_turn(False))
+    assert heard == base_heard >= 20  # two or more windows of ~12 embeddings
+    assert text == base_text
+    assert usage.prompt_tokens == base_usage.prompt_tokens
+    assert usage.cached_tokens >= base_usage.cached_tokens + heard
+    assert stats.running_requests == 0 and stats.kv_cache_bytes <= stats.kv_budget_bytes
+
+
+def test_cleared_and_closed_streams_leave_no_stale_cache(with_ears, speak):
+    wav = speak(SENTENCE)
+    turn = [{"role": "user", "content": "What is the weather like?"}]
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=1.0)
+        sid = worker.open_session()
+        await stream(worker, sid, wav)  # heard and prefilled, then dropped
+        worker.clear_audio(sid)
+        await worker.append_messages(sid, turn)
+        cleared, _, _ = await answer(worker, session_id=sid)
+        fresh = worker.open_session()
+        await worker.append_messages(fresh, turn)
+        expected, _, _ = await answer(worker, session_id=fresh)
+        gone = worker.open_session()
+        for start in range(0, wav.shape[0], CHUNK):
+            await worker.push_audio(gone, pcm16(wav[start : start + CHUNK]), SAMPLE_RATE)
+        prefill = worker._sessions[gone].prefill
+        worker.close_session(gone)  # while its prefill may still be queued or running
+        if prefill is not None:
+            await prefill
+        await asyncio.sleep(0.05)  # the engine thread runs the close's free after the cancel
+        leaked = worker.store.get(f"s:{gone}") is not None
+        stats = worker.stats()
+        await worker.stop()
+        return cleared, expected, leaked, stats
+
+    cleared, expected, leaked, stats = run(main())
+    assert cleared == expected and cleared
+    assert not leaked
+    assert stats.running_requests == 0
