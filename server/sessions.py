@@ -8,10 +8,11 @@ Streaming audio: the encoders are full-context, so a stream is cut into windows 
 only the remainder (under `window_s + STREAM_MIN_TAIL` seconds) is encoded, so the time from end
 of speech to prompt stays near one window's encoding. The price: no window sees the audio of
 its neighbours (and each is normalised on its own), which moves its embeddings slightly away
-from a whole-utterance encoding; `window_s = 0` encodes everything at commit instead. The
-worker also prefills encoded windows into the session's KV cache before the commit, so a
-stream's positions are keyed by the stream (`AudioStream.key`), not by the samples' hash: they
-stand for windowed embeddings, which a whole encoding of the same samples would not match.
+from a whole-utterance encoding (shipped encoder, 60 held-out utterances of 4.5 s or more:
+reference-response perplexity 3.77 against 3.66 whole); `window_s = 0` encodes everything at
+commit instead. The worker also prefills encoded windows into the session's KV cache before
+the commit, so a stream's positions are keyed by the stream (`AudioStream.key`), not by the
+samples' hash: they stand for windowed embeddings, which a whole encoding would not match.
 
 Dims: T_wav samples, T embeddings, D LLM width.
 """
