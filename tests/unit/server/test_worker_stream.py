@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from model.config import SAMPLE_RATE, encoder_preset
+from model.decoding import SamplingParams
 from model.encoders import build_encoder
 from model.errors import AudioDecodeError
 from model.messages import AudioPart, TextPart, Turn
 from model.speech_llm import SpeechLLM
 from server.engine_request import plan_heard, plan_prompt
+from server.protocol import GenerateRequest, TextDelta
 from server.sessions import decode_pcm16
 from server.worker import Worker
 from tests.unit.server.test_worker import answer, make_varied_llm, run, started
@@ -165,3 +167,37 @@ def test_cleared_and_closed_streams_leave_no_stale_cache(with_ears, speak):
     assert cleared == expected and cleared
     assert not leaked
     assert stats.running_requests == 0
+
+
+def test_audio_heard_while_answering_waits_for_the_commit(with_ears, speak):
+    """Barge-in: speech arriving during a reply is encoded but not prefilled (the reply's row
+    holds the session's cache); the reply is unchanged and the turn still answers."""
+    wav = speak(SENTENCE)
+
+    async def main():
+        worker = await started(with_ears, stream_window_s=1.0)
+        submitted = []  # prefill_only of every request the engine gets
+        submit = worker.engine.submit
+        worker.engine.submit = lambda req: (submitted.append(req.prefill_only), submit(req))[-1]
+        replies = []
+        for push in (False, True):
+            sid = worker.open_session()
+            await worker.append_messages(sid, QUESTION)
+            request = GenerateRequest(f"r{push}", SamplingParams(max_new_tokens=40), session_id=sid)
+            events = worker.generate(request)
+            first = await anext(events)  # answering until the stream is read to its end
+            if push:
+                await stream(worker, sid, wav)  # its prefills find the session answering
+                heard = len(worker._sessions[sid].stream.windows)
+            rest = [e async for e in events]
+            replies.append("".join(e.text for e in [first, *rest] if isinstance(e, TextDelta)))
+        during = list(submitted)
+        await worker.commit_audio(sid)
+        text, usage, reason = await answer(worker, session_id=sid)
+        await worker.stop()
+        return replies, during, heard, text, reason
+
+    replies, during, heard, text, reason = run(main())
+    assert replies[0] == replies[1] and replies[0]
+    assert heard >= 2 and not any(during)  # windows encoded, none prefilled
+    assert text and reason == "length"
