@@ -10,6 +10,8 @@ import pytest
 
 from server.cli import add_serve_arguments, settings_from_args
 from server.settings import Settings
+from tests.e2e.conftest import serve
+from tests.unit.server.conftest import make_app
 
 
 def test_models_list_names_the_served_model(live):
@@ -74,9 +76,18 @@ def test_cli_flags_override_the_environment(monkeypatch):
         "default",
         "default",
     )
-    args = parser.parse_args(["--port", "8001", "--cors-origins", "http://a,http://b"])
+    args = parser.parse_args(
+        ["--port", "8001", "--cors-origins", "http://a,http://b", "--stream-window-s", "1.5"]
+    )
     settings = settings_from_args(args)
     assert settings.port == 8001 and settings.cors_origins == ["http://a", "http://b"]
+    assert settings.stream_window_s == 1.5 and settings.stream_prefill
+
+
+def test_the_app_gives_its_worker_the_streaming_settings(tiny_llm):
+    for server in serve(make_app(tiny_llm, stream_window_s=2.0, stream_prefill=False)):
+        worker = server.app.state.worker
+        assert (worker.stream_window_s, worker.stream_prefill) == (2.0, False)
 
 
 def test_cli_rejects_bad_values():
