@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_worker import (  # noqa: E402
+from bench.models import (  # noqa: E402
     add_model_args,
     build_llm,
     bytes_per_token,
