@@ -39,6 +39,7 @@ STREAM_WINDOW = 3.0  # s of streamed audio encoded per background window
 STREAM_MIN_TAIL = 1.0  # s always left for the commit, so the last window is never a sliver
 MIN_COMMIT_SECONDS = 0.05  # s, the shortest audio turn accepted
 PCM16_SCALE = 32768.0  # int16 full scale
+Windows = list[Future[torch.Tensor]]  # encoder outputs [T, D] of a stream's windows
 
 
 def decode_pcm16(pcm16: bytes, sample_rate: int) -> torch.Tensor:
@@ -66,7 +67,7 @@ class AudioStream:
         self.samples = 0  # pushed so far
         self.pending: list[torch.Tensor] = []  # samples not yet sent to the encoder
         self.pending_len = 0
-        self.windows: list[Future[torch.Tensor]] = []  # embeddings [T, D] of sent windows
+        self.windows: Windows = []  # sent to the encoder, in order
 
     def push(self, wav: torch.Tensor) -> list[torch.Tensor]:
         """Add samples [T_wav]; return the whole windows now ready for background encoding."""

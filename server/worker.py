@@ -17,7 +17,7 @@ import logging
 import uuid
 from asyncio import Task
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -44,6 +44,7 @@ from server.sessions import (
     STREAM_WINDOW,
     AudioStream,
     Session,
+    Windows,
     check_commit_length,
     decode_pcm16,
     new_session,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KV_BUDGET = 2 << 30  # bytes
 T = TypeVar("T")
-Windows = list[Future[torch.Tensor]]  # encoder outputs [T, D] of streamed windows
 
 
 class Worker:

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 import torch
 
+from model.audio import pcm16_bytes
 from model.config import SAMPLE_RATE, encoder_preset
 from model.decoding import SamplingParams
 from model.encoders import build_encoder
@@ -33,16 +34,12 @@ def with_ears(tiny_llm) -> SpeechLLM:
     return SpeechLLM(llm, encoder.eval())
 
 
-def pcm16(wav: torch.Tensor) -> bytes:
-    return (wav.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
-
-
-async def stream(worker: Worker, sid: str, wav: torch.Tensor) -> None:
-    """Push `wav` in 200 ms chunks, then wait until what was heard is prefilled."""
+async def stream(worker: Worker, sid: str, wav: torch.Tensor, settle: bool = True) -> None:
+    """Push `wav` in 200 ms chunks, then (`settle`) wait until what was heard is prefilled."""
     for start in range(0, wav.shape[0], CHUNK):
-        await worker.push_audio(sid, pcm16(wav[start : start + CHUNK]), SAMPLE_RATE)
+        await worker.push_audio(sid, pcm16_bytes(wav[start : start + CHUNK]), SAMPLE_RATE)
     session = worker._sessions[sid]
-    if session.prefill is not None:
+    if settle and session.prefill is not None:
         await session.prefill
 
 
@@ -78,7 +75,7 @@ def test_unwindowed_stream_equals_whole_encoding(with_ears):
     async def main():
         worker = await started(with_ears, stream_window_s=0.0)
         sid = worker.open_session()
-        await worker.push_audio(sid, pcm16(wav8k), 8000)
+        await worker.push_audio(sid, pcm16_bytes(wav8k), 8000)
         await worker.commit_audio(sid)
         part = worker._sessions[sid].turns[-1].parts[0]
         await worker.stop()
@@ -86,7 +83,7 @@ def test_unwindowed_stream_equals_whole_encoding(with_ears):
 
     part = run(main())
     assert part.waveform is None and part.duration == pytest.approx(2.0, abs=0.01)
-    expected = with_ears.encoder.encode_one(decode_pcm16(pcm16(wav8k), 8000))  # [T, D]
+    expected = with_ears.encoder.encode_one(decode_pcm16(pcm16_bytes(wav8k), 8000))  # [T, D]
     assert expected.shape[0] >= 20  # about one embedding per 80 ms
     assert torch.equal(part.embeddings, expected)
 
@@ -151,8 +148,7 @@ def test_cleared_and_closed_streams_leave_no_stale_cache(with_ears, speak):
         await worker.append_messages(fresh, turn)
         expected, _, _ = await answer(worker, session_id=fresh)
         gone = worker.open_session()
-        for start in range(0, wav.shape[0], CHUNK):
-            await worker.push_audio(gone, pcm16(wav[start : start + CHUNK]), SAMPLE_RATE)
+        await stream(worker, gone, wav, settle=False)
         prefill = worker._sessions[gone].prefill
         worker.close_session(gone)  # while its prefill may still be queued or running
         if prefill is not None:
