@@ -8,6 +8,7 @@ spoken-QA accuracy. Two-turn conversations mix a typed and a spoken turn both wa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -34,6 +35,7 @@ SYSTEMS = ("text", "end-to-end", "cascade")
 MAX_ANSWER_TOKENS = 96  # tokens generated for two-turn references
 QA_ANSWER_TOKENS = 40  # tokens generated per spoken-QA answer; the fact comes early
 TWO_TURN_PAIRS = 16  # conversations per two-turn case
+QA_CELL_CHARS = 100  # characters of an answer shown in the report's table
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Tally:
     qa_text_right: int = 0  # questions the text mode answers right
     qa_e2e_on_text_right: int = 0  # ... of which end to end also right
     per_utt: list[dict] = field(default_factory=list)
+    qa_answers: list[dict] = field(default_factory=list)  # what each system said, per question
 
     def perplexity(self, system: str) -> float:
         return math.exp(self.nll[system] / max(1, self.tokens))
@@ -95,10 +98,12 @@ def score_utterance(model: SpeechLLM, asr: WhisperASR, utt: Utterance, tally: Ta
     tally.tokens += len(scored.token_ids)
     answers = utt.extra.get("answer")
     if answers:
-        hits = {
-            s: answer_hit(model.respond_text(m, max_new_tokens=QA_ANSWER_TOKENS), answers)
-            for s, m in prompts.items()
+        said = {
+            s: model.respond_text(m, max_new_tokens=QA_ANSWER_TOKENS) for s, m in prompts.items()
         }
+        hits = {s: answer_hit(text, answers) for s, text in said.items()}
+        tally.qa_answers.append({"id": utt.id, "question": utt.text, "answer": answers,
+                                 "said": said, "hit": hits})  # fmt: skip
         tally.qa_total += 1
         for s, hit in hits.items():
             tally.qa_hits[s] += hit
@@ -216,7 +221,37 @@ def write_report(out, manifest, encoder, split, n, summary, two_turn, tally, tra
         + " |"
         for r in tally.per_utt[:200]
     ]
+    if tally.qa_answers:
+        lines += ["", *qa_answer_lines(tally.qa_answers)]
+        with open(out / "answers.jsonl", "w") as f:
+            f.writelines(json.dumps(a) + "\n" for a in tally.qa_answers)
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def qa_answer_lines(qa_answers: list[dict]) -> list[str]:
+    """The spoken-QA section of the report: each question's answers, a hit marked ✓."""
+    lines = [
+        "## Spoken-QA answers (all in `answers.jsonl`)",
+        "",
+        "| question | expected | text | end-to-end | cascade |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for a in qa_answers[:200]:
+        cells = [
+            ("✓ " if a["hit"][s] else "") + cell_text(a["said"][s], QA_CELL_CHARS) for s in SYSTEMS
+        ]
+        lines.append(
+            f"| {cell_text(a['question'], 80)} | {cell_text(a['answer'], 40)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines
+
+
+def cell_text(text: str, limit: int) -> str:
+    """`text` on one line, pipes escaped, cut to `limit` characters for a table cell."""
+    flat = " ".join(text.split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def print_summary(summary: dict[str, float], two_turn: dict[str, float]) -> None:

@@ -99,6 +99,15 @@ def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
         assert summary[key] >= 0 and summary[key] == summary[key]  # finite, not NaN
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "ppl end-to-end" in report and "Two-turn" in report
+    # each spoken question's answers, per system, in the report and as JSON lines
+    answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").open()]
+    assert [a["id"] for a in answers] == [u.id for u in read_manifest(corpus / "dev.jsonl")]
+    for a in answers:
+        assert set(a["said"]) == set(a["hit"]) == {"text", "end-to-end", "cascade"}
+        assert a["answer"] == "blue|sky" and all(isinstance(t, str) for t in a["said"].values())
+    for system, key in (("text", "QA acc text"), ("end-to-end", "QA acc end-to-end")):
+        assert summary[key] == sum(a["hit"][system] for a in answers) / len(answers)
+    assert "## Spoken-QA answers" in report and "| Why is the sky blue? | blue\\|sky |" in report
     assert (tmp_path / "eval" / "perplexity.png").is_file()
 
 
