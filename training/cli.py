@@ -50,6 +50,32 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_augment_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("manifest", type=Path, help="lines to copy (text and response kept)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the manifest and audio")
+    p.add_argument("--copies", type=int, default=1, help="augmented copies of each line")
+    p.add_argument("--limit", type=int, default=None, help="only the first N lines")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--pitch-cents", type=float, nargs=2, default=(150.0, 500.0), metavar=("LO", "HI")
+    )
+    for step, default in (("pitch", 1.0), ("speed", 0.0), ("reverb", 0.0), ("telephone", 0.0),
+                          ("noise", 0.0)):  # fmt: skip
+        p.add_argument(f"--p-{step}", type=float, default=default, help=f"chance of {step}")
+
+
+def run_augment(args: argparse.Namespace) -> int:
+    from training.augment import augment_manifest
+    from training.config import AugmentConfig
+
+    cfg = AugmentConfig(
+        p_speed=args.p_speed, p_reverb=args.p_reverb, p_telephone=args.p_telephone,
+        p_noise=args.p_noise, p_pitch=args.p_pitch, pitch_cents_range=tuple(args.pitch_cents),
+    )  # fmt: skip
+    print(augment_manifest(args.manifest, args.out, cfg, args.copies, args.workers, args.limit))
+    return 0
+
+
 def add_respond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("manifest", type=Path)
     p.add_argument("--out", type=Path, default=None, help="default: rewrite the manifest")

@@ -109,6 +109,11 @@ class AugmentConfig:
     p_noise: float = 0.3
     snr_range: tuple[float, float] = (5.0, 30.0)  # dB
     noise_colors: tuple[str, ...] = ("white", "pink", "brown")
+    # pitch and formants shifted together, duration kept (sox `pitch`): lower voices to higher
+    # ones; `synth` leaves it off (0), `augment` turns it on. Drawn only when p_pitch > 0, so the
+    # chains drawn for a corpus rendered before it existed stay the same.
+    p_pitch: float = 0.0
+    pitch_cents_range: tuple[float, float] = (150.0, 500.0)
 
 
 @dataclass(frozen=True)

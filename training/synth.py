@@ -26,7 +26,7 @@ from typing import Any
 import soundfile as sf
 from tqdm import tqdm
 
-from training.augment import augment_audio, draw_augmentation
+from training.augment import augment_audio, draw_augmentation, is_valid_flac
 from training.config import SAMPLE_RATE, SynthConfig
 from training.corpus import Sentence, read_sentences
 from training.engines import (
@@ -156,20 +156,6 @@ def plan_utterances(sentences: list[Sentence], config: SynthConfig) -> list[Rend
                 )
             )
     return plans
-
-
-def is_valid_flac(path: Path) -> bool:
-    """A readable 16 kHz mono FLAC with samples in it."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, OSError):
-        return False
-    return (
-        info.format == "FLAC"
-        and info.samplerate == SAMPLE_RATE
-        and info.channels == 1
-        and (info.frames > 0)
-    )
 
 
 def plan_to_utterance(plan: RenderPlan, out_dir: Path, duration: float) -> Utterance:

@@ -165,6 +165,19 @@ def test_augmentation_chain(tmp_path: Path) -> None:
     assert abs(snr - 10.0) < 1.0
     reverb = augment_audio(wav, {"reverb": 60.0}, "x", 30.0)
     assert reverb.size >= clean.size and not np.allclose(reverb[: clean.size], clean, atol=0.05)
+    # an octave up keeps the length and moves the 440 Hz tone to 880 Hz
+    octave = augment_audio(wav, {"pitch_cents": 1200}, "x", 30.0)
+    assert abs(octave.size - clean.size) < 50
+    assert band_energy(octave, 850, 910) > 10 * band_energy(octave, 410, 470)
+    assert band_energy(clean, 410, 470) > 10 * band_energy(clean, 850, 910)
+    # the noise is seeded by the whole id: ids ending alike (one voice) get different noise
+    other = augment_audio(wav, {"noise": "pink", "snr_db": 10.0}, "y", 30.0)
+    assert not np.allclose(noisy, other)
+    same_voice = [
+        augment_audio(wav, {"noise": "white", "snr_db": 10.0}, f"s{i}-piper_en_US_joe_medium", 30.0)
+        for i in range(2)
+    ]
+    assert not np.allclose(*same_voice)
 
 
 def test_failure_is_reported_not_raised(tmp_path: Path) -> None:
