@@ -83,7 +83,13 @@ def add_respond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="prompts in flight (or per batch)")
+    p.add_argument(
+        "--engine",
+        choices=["worker", "generate"],
+        default="worker",
+        help="the server's worker (continuous batching) or transformers' generate",
+    )
 
 
 def run_respond(args: argparse.Namespace) -> int:
@@ -97,6 +103,7 @@ def run_respond(args: argparse.Namespace) -> int:
         args.system,
         args.max_tokens,
         args.batch_size,
+        args.engine,
     )
     return 0
 
