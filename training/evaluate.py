@@ -173,7 +173,11 @@ def evaluate(
         for s in SYSTEMS:
             summary[f"QA acc {s}"] = tally.qa_hits[s] / tally.qa_total
         summary["QA e2e on text-right"] = tally.qa_e2e_on_text_right / max(1, tally.qa_text_right)
-    two_turn = two_turn_perplexity(model, utts, two_turn_pairs) if len(utts) >= 2 else {}
+    two_turn = (
+        two_turn_perplexity(model, utts, two_turn_pairs)
+        if len(utts) >= 2 and two_turn_pairs > 0
+        else {}
+    )  # none asked for: no section, not perplexities of nothing
     write_report(out, manifest, encoder, split, len(utts), summary, two_turn, tally, training)
     print_summary(summary, two_turn)
     return summary | {f"two-turn ppl {k}": v for k, v in two_turn.items()}

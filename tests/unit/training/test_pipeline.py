@@ -109,6 +109,13 @@ def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
         assert summary[key] == sum(a["hit"][system] for a in answers) / len(answers)
     assert "## Spoken-QA answers" in report and "| Why is the sky blue? | blue\\|sky |" in report
     assert (tmp_path / "eval" / "perplexity.png").is_file()
+    # no two-turn conversations asked for: no such section or figures
+    bare = evaluate(
+        corpus / "dev.jsonl", str(out / "encoder"), tmp_path / "eval0", llm=str(tiny_llm_dir),
+        split="dev", two_turn_pairs=0,
+    )  # fmt: skip
+    assert not any(k.startswith("two-turn") for k in bare)
+    assert "Two-turn" not in (tmp_path / "eval0" / "report.md").read_text()
 
 
 def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path):
