@@ -29,9 +29,7 @@ from model.llm import LoadedLLM, load_llm
 from model.messages import TextPart, Turn
 from model.prompt import render_prompt, text_only_ids, with_system_prompt
 from model.speech_llm import SpeechLLM
-from server.protocol import ErrorEvent, Finished, GenerateRequest, TextDelta
 from server.threads import on_own_thread, single_threaded
-from server.worker import Worker
 from training.manifest import read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -144,6 +142,9 @@ def answer_with_worker(
     """Greedy answers through the server's worker, `in_flight` requests at a time; each answer
     goes to `record` as it finishes. Models must be loaded off this thread (`on_own_thread`):
     the worker's engine thread should be the only one with a multi-threaded torch pool."""
+    # here, not at the top: manifests and data loaders import this module, not the engine
+    from server.protocol import ErrorEvent, Finished, GenerateRequest, TextDelta
+    from server.worker import Worker
 
     async def run() -> None:
         worker = Worker(SpeechLLM(llm), max_batch=in_flight, max_sessions=in_flight)
