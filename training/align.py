@@ -1,7 +1,8 @@
 """Modal-invariance alignment: train the encoder so the frozen LLM answers speech as it does text.
 
 Loss: cross-entropy of the frozen LLM's own text-prompted response given the audio prompt (the
-paper), optionally plus KL to the text-prompted LLM's next-token distributions (Ultravox-style).
+paper), optionally plus KL to the text-prompted LLM's next-token distributions (Ultravox-style)
+and token CTC of the transcript on the encoder's outputs (`ctc_weight`, training/token_ctc.py).
 Logits are computed only at response positions. Resumable, DDP-aware (`torchrun`), bf16 autocast
 on CUDA, loss curves written as a PNG.
 
@@ -42,6 +43,7 @@ from training.config import AlignConfig
 from training.frame_cache import cached_frames
 from training.manifest import read_manifest
 from training.plots import plot_curves
+from training.token_ctc import TokenTask, token_ctc_loss
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ def alignment_loss(
     frame: PromptFrame,
     batch: dict,
     cfg: AlignConfig,
+    ctc: TokenTask | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE (+ KL to the text-prompted teacher) on one collated batch."""
+    """CE (+ KL to the text-prompted teacher, + `ctc`'s token CTC) on one collated batch."""
     device = llm.device
     emb, emb_len = encode_batch(encoder, batch, device)  # [B, T, D], [B]
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
@@ -66,8 +69,12 @@ def alignment_loss(
         return logits.sum() * 0.0, {"ce": 0.0}
     ce = torch.nn.functional.cross_entropy(logits, packed.targets)
     stats = {"ce": float(ce.detach())}
+    loss = ce
+    if ctc is not None and cfg.ctc_weight > 0:
+        ctc_loss, stats["ctc"] = token_ctc_loss(ctc, emb, emb_len, batch["texts"])
+        loss = loss + cfg.ctc_weight * ctc_loss
     if cfg.kl_weight <= 0:
-        return ce, stats
+        return loss, stats
     with torch.no_grad():
         teacher = pack_rows(llm, text_turns(llm, frame, batch["texts"]), frame, batch["responses"])
         t_logits = response_logits(llm, teacher)  # [N, V]
@@ -82,7 +89,7 @@ def alignment_loss(
         * temp**2
     )
     stats["kl"] = float(kl.detach())
-    return ce + cfg.kl_weight * kl, stats
+    return loss + cfg.kl_weight * kl, stats
 
 
 def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
@@ -184,8 +191,13 @@ def align(
     dev = AlignDataset(dev_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames)
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
     params = [p for p in encoder.parameters() if p.requires_grad]
+    ctc = None
+    if cfg.ctc_weight > 0:  # its head (a blank and a scale) trains beside the encoder
+        ctc = TokenTask(llm, [u.text for u in train_utts], cfg.system_prompt, cfg.ctc_min_count)
+        ctc.head.to(llm.device)
+        params += list(ctc.head.parameters())
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = resume_state(out, encoder, optim)
+    step = resume_state(out, encoder, optim, ctc)
     log.info(
         "aligning %s encoder: %d trainable params, %d train / %d dev utterances, from step %d",
         encoder.config.kind,
@@ -203,7 +215,7 @@ def align(
             for group in optim.param_groups:
                 group["lr"] = lr_at(step, cfg)
             with autocast_for(llm.device):
-                loss, stats = alignment_loss(llm, model, frame, batch, cfg)
+                loss, stats = alignment_loss(llm, model, frame, batch, cfg, ctc)
             (loss / cfg.grad_accum).backward()
             if (step + 1) % cfg.grad_accum == 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -222,13 +234,13 @@ def align(
             if rank == 0:
                 append_log(out, record | {"elapsed_s": time.perf_counter() - started})
                 if step % cfg.save_every == 0 or step == cfg.steps:
-                    save_state(out, encoder, optim, step, llm, cfg, len(train))
+                    save_state(out, encoder, optim, step, llm, cfg, len(train), ctc)
             if step >= cfg.steps or out_of_time(started, cfg.max_minutes):
                 break
         if out_of_time(started, cfg.max_minutes):
             log.info("stopping at step %d: %s min wall-clock limit reached", step, cfg.max_minutes)
             if rank == 0:
-                save_state(out, encoder, optim, step, llm, cfg, len(train))
+                save_state(out, encoder, optim, step, llm, cfg, len(train), ctc)
             break
     bar.close()
     if rank == 0:
@@ -246,23 +258,33 @@ def append_log(out: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def save_state(out, encoder, optim, step: int, llm: LoadedLLM, cfg: AlignConfig, n_train: int):
-    """The encoder checkpoint (DESIGN.md format) plus optimizer state for resuming."""
+def save_state(
+    out, encoder, optim, step: int, llm: LoadedLLM, cfg: AlignConfig, n_train: int, ctc=None
+):
+    """The encoder checkpoint (DESIGN.md format) plus optimizer (and token-CTC head) state for
+    resuming; the head is not part of the checkpoint."""
     training = {"recipe": cfg.to_dict(), "steps": step, "train_utterances": n_train}
     save_encoder(out / "encoder", encoder, llm.identity, PromptConfig(cfg.system_prompt), training)
-    torch.save(
-        {"step": step, "optim": optim.state_dict(), "encoder": encoder.state_dict()},
-        out / STATE_FILE,
-    )
+    state = {"step": step, "optim": optim.state_dict(), "encoder": encoder.state_dict()}
+    if ctc is not None:
+        state["ctc_head"] = ctc.head.state_dict()
+    torch.save(state, out / STATE_FILE)
 
 
-def resume_state(out: Path, encoder: torch.nn.Module, optim: torch.optim.Optimizer) -> int:
+def resume_state(
+    out: Path, encoder: torch.nn.Module, optim: torch.optim.Optimizer, ctc: TokenTask | None = None
+) -> int:
     """Restore encoder and optimizer from `out` if a run was interrupted; return its step."""
     path = out / STATE_FILE
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
     encoder.load_state_dict(state["encoder"])
+    if (ctc is not None) != ("ctc_head" in state):
+        raise ValueError(f"{out} was trained with a different ctc_weight (> 0 or not); resume it "
+                         "with the same setting or start a new run folder")  # fmt: skip
+    if ctc is not None:
+        ctc.head.load_state_dict(state["ctc_head"])
     optim.load_state_dict(state["optim"])
     log.info("resuming from step %d in %s", state["step"], out)
     return int(state["step"])

@@ -160,6 +160,7 @@ def run_pretrain_ctc(args: argparse.Namespace) -> int:
 def add_align_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_common(p)
     p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
+    p.add_argument("--ctc-weight", type=float, default=None, help="> 0 adds token CTC")
     p.add_argument("--max-response-tokens", type=int, default=None, help="truncate targets")
 
 
@@ -173,6 +174,7 @@ def run_align(args: argparse.Namespace) -> int:
         args.recipe,
         **_common_overrides(args),
         kl_weight=args.kl_weight,
+        ctc_weight=args.ctc_weight,
         max_response_tokens=args.max_response_tokens,
     )
     print(align(cfg, args.manifest, args.out, args.device))

@@ -222,6 +222,10 @@ class AlignConfig:
     grad_clip: float = 1.0
     kl_weight: float = 0.0  # > 0 adds KL to the text-prompted LLM (Ultravox-style)
     kl_temperature: float = 1.0
+    # > 0 adds token CTC on the transcript (training/token_ctc.py): spoken words kept near the
+    # typed words' embeddings while the answers are learned
+    ctc_weight: float = 0.0
+    ctc_min_count: int = 2  # tokens seen fewer times in the train transcripts are not classified
     max_response_tokens: int = 48  # tokens; responses are truncated for speed
     max_audio_seconds: float = 30.0  # s
     frame_cache: str | None = None  # folder for the frozen Whisper's outputs, computed once

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import jiwer
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -32,18 +29,16 @@ from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import LoadedLLM, load_llm
 from training.align import autocast_for, out_of_time
-from training.batches import PromptFrame, encode_batch, pad_waveforms, read_input
+from training.batches import pad_waveforms, read_input
 from training.config import CTCConfig
 from training.frame_cache import FrameCache, cached_frames
 from training.manifest import Utterance, read_manifest
 from training.plots import plot_curves
+from training.token_ctc import BLANK, TokenTask
 
 log = logging.getLogger(__name__)
 
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"  # index + 1 is the class; 0 is the CTC blank
-BLANK = 0
-INIT_SCALE = 10.0  # cosine-logit scale the token head starts from (learned)
-NORM_WEIGHT = 0.1  # weight of the pull of output norms to the embedding table's mean norm
 
 
 def normalize_transcript(text: str) -> str:
@@ -74,78 +69,6 @@ class CharTask:
 
     def penalty(self) -> torch.Tensor | float:
         return 0.0
-
-
-class TokenHead(nn.Module):
-    """Cosine similarity of adapter outputs to the frozen LLM's input embeddings of the corpus's
-    tokens, plus a learned blank; the norms of the outputs are pulled to the table's mean norm.
-
-    Dims: B rows, T embeddings, D LLM width, V' corpus tokens (+ blank at 0)."""
-
-    def __init__(self, table: torch.Tensor, vocab: list[int]) -> None:
-        super().__init__()
-        rows = table[torch.tensor(vocab)].float()  # [V', D]
-        self.register_buffer("rows", nn.functional.normalize(rows, dim=-1))  # [V', D]
-        self.blank = nn.Parameter(rows.mean(dim=0))  # [D]
-        self.log_scale = nn.Parameter(torch.tensor(math.log(INIT_SCALE)))
-        self.target_norm = float(table.float().norm(dim=-1).mean())
-        self.last_norm_penalty: torch.Tensor | float = 0.0
-
-    def forward(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """emb [B, T, D], lengths [B] -> log-probs [B, T, 1 + V'] float32."""
-        emb = emb.float()
-        classes = torch.cat([nn.functional.normalize(self.blank, dim=-1)[None], self.rows])
-        logits = nn.functional.normalize(emb, dim=-1) @ classes.T * self.log_scale.exp()
-        valid = torch.arange(emb.shape[1], device=emb.device)[None] < lengths[:, None]  # [B, T]
-        norms = emb.norm(dim=-1)[valid]  # [valid frames]
-        self.last_norm_penalty = ((norms - self.target_norm) / self.target_norm).square().mean()
-        return logits.log_softmax(dim=-1)  # [B, T, 1 + V']
-
-
-class TokenTask:
-    """The frozen LLM's tokens, classified from the encoder's LLM-width outputs against the LLM's
-    own input embeddings: each spoken token is pulled towards the embedding of the typed token
-    (Wav2Prompt / LegoSLM-style), so alignment starts from embeddings the LLM can read."""
-
-    name = "llm_tokens"
-
-    def __init__(
-        self, llm: LoadedLLM, texts: list[str], system_prompt: str | None, min_count: int = 1
-    ) -> None:
-        self.llm = llm
-        self.frame = PromptFrame.build(llm, system_prompt)
-        self.cache: dict[str, list[int]] = {}
-        counts = Counter(i for t in texts for i in self.turn_ids(t))
-        vocab = sorted(i for i, n in counts.items() if n >= min_count)
-        log.info(
-            "token CTC over %d of the LLM's tokens (seen >= %d times; %.1f%% of target tokens)",
-            len(vocab),
-            min_count,
-            100 * sum(counts[i] for i in vocab) / max(1, sum(counts.values())),
-        )
-        self.class_of = {tok: c + 1 for c, tok in enumerate(vocab)}
-        self.token_of = dict(enumerate(vocab, start=1))
-        self.head = TokenHead(llm.model.get_input_embeddings().weight.detach().cpu(), vocab)
-        self.norm_weight = NORM_WEIGHT
-
-    def turn_ids(self, text: str) -> list[int]:
-        if text not in self.cache:
-            self.cache[text] = self.frame.turn_ids(self.llm, text)
-        return self.cache[text]
-
-    def encode(self, text: str) -> list[int]:
-        """Classes of the text's tokens; a token outside the training vocabulary is dropped."""
-        return [self.class_of[i] for i in self.turn_ids(text) if i in self.class_of]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.llm.tokenizer.decode([self.token_of[c] for c in ids])
-
-    def log_probs(self, encoder, batch: dict, device: torch.device):
-        emb, lengths = encode_batch(encoder, batch, device)  # [B, T, D], [B]
-        return self.head(emb, lengths), lengths
-
-    def penalty(self) -> torch.Tensor | float:
-        return self.norm_weight * self.head.last_norm_penalty
 
 
 class CTCDataset(Dataset):

@@ -229,3 +229,31 @@ def test_init_from_a_whisper_checkpoint_keeps_whisper_frozen(tiny_llm, tiny_llm_
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     assert trainable == {n for n, p in fresh.named_parameters() if p.requires_grad}
     assert trainable and len(trainable) < len(list(encoder.parameters()))
+
+
+def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp_path):
+    cfg = AlignConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="conformer",
+        encoder_preset="tiny",
+        steps=5,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        eval_every=5,
+        save_every=5,
+        num_workers=0,
+        max_response_tokens=12,
+        ctc_weight=1.0,
+        ctc_min_count=1,
+    )
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    align(cfg, manifests, tmp_path / "run")
+    align(cfg.replace(steps=12), manifests, tmp_path / "run")  # resumed: head and optimizer too
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    ctc = [r["ctc"] for r in records]
+    assert all(c > 0 for c in ctc) and sum(ctc[-3:]) < sum(ctc[:3])
+    assert all(r["loss"] > r["ce"] for r in records)  # the CTC term is in the loss trained on
+    with pytest.raises(ValueError, match="ctc_weight"):
+        align(cfg.replace(steps=14, ctc_weight=0.0), manifests, tmp_path / "run")
