@@ -5,9 +5,10 @@ modal-invariance alignment. Answers are greedy and capped in length; they are ca
 of (LLM, prompt settings, text), so a rerun or a second manifest with the same sentences is free.
 
 Two engines give the same answers: the server's worker (default: continuous batching, no padding,
-the chat template's shared prefix cached; SmolLM2 on 2 cores, 128 texts of 36 tokens: 7.2 texts/s
-with 32 in flight against 4.2 for `generate` on batches of 32, all 128 answers identical) and
-transformers' `generate` on left-padded batches.
+the chat template's shared prefix cached) and transformers' `generate` on left-padded batches.
+SmolLM2 on 2 cores (`bench/bench_respond.py`, 128-192 texts, up to 36 tokens): the worker answers
+6.2-6.7 texts/s with 32 in flight and 7.7 with 64, `generate` 3.9-4.5 on batches of 32; every
+answer identical.
 """
 
 from __future__ import annotations
