@@ -1,7 +1,8 @@
 """Augmentation of speech: speed, pitch, reverb and telephone band via sox, then additive
 coloured noise at an SNR via numpy. `draw_augmentation` makes every random draw up front, and the
-noise is seeded by the utterance id, so a rerun reproduces the same audio. `synth` augments as it
-renders; `augment_manifest` (`speechchat augment`) adds augmented copies of any manifest's lines.
+noise is seeded by a hash of the utterance id, so a rerun reproduces the same audio. `synth`
+augments as it renders; `augment_manifest` (`speechchat augment`) adds augmented copies of any
+manifest's lines.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class AugmentReport:
 def augment_copy(utt: Utterance, copy: int, out_dir: Path, cfg: AugmentConfig) -> Utterance:
     """Copy number `copy` of `utt`: its audio through a chain drawn for the copy's id, the same
     text, response and split; `augmented_from` names the source line."""
-    uid = f"{utt.id}+aug{copy}"
+    uid = copy_id(utt, copy)
     chain = draw_augmentation(random.Random(uid), cfg)
     target = augmented_path(out_dir, utt, copy)
     if not is_valid_flac(target):
@@ -178,7 +179,7 @@ def augment_manifest(
             try:
                 lines.append(future.result())
             except (SynthesisError, RuntimeError, OSError) as err:  # one bad file: skip it
-                errors.append(f"{utt.id}+aug{copy}: {err}")
+                errors.append(f"{copy_id(utt, copy)}: {err}")
                 log.warning("augment failed: %s", errors[-1])
     out = out_dir / Path(manifest).name
     write_manifest(out, lines)
@@ -188,6 +189,10 @@ def augment_manifest(
     )  # fmt: skip
 
 
+def copy_id(utt: Utterance, copy: int) -> str:
+    return f"{utt.id}+aug{copy}"
+
+
 def augmented_path(out_dir: Path, utt: Utterance, copy: int) -> Path:
-    uid = f"{utt.id}+aug{copy}"
+    uid = copy_id(utt, copy)
     return out_dir / "audio" / hashlib.sha1(uid.encode()).hexdigest()[:2] / f"{uid}.flac"
