@@ -136,13 +136,17 @@ class AugmentReport:
     errors: list[str]
 
 
-def augment_copy(utt: Utterance, copy: int, out_dir: Path, cfg: AugmentConfig) -> Utterance:
+def augment_copy(
+    utt: Utterance, copy: int, out_dir: Path, cfg: AugmentConfig
+) -> tuple[Utterance, bool]:
     """Copy number `copy` of `utt`: its audio through a chain drawn for the copy's id, the same
-    text, response and split; `augmented_from` names the source line."""
+    text, response and split; `augmented_from` names the source line. Also whether it was
+    rendered now (False: an earlier run's file was valid)."""
     uid = copy_id(utt, copy)
     chain = draw_augmentation(random.Random(uid), cfg)
     target = augmented_path(out_dir, utt, copy)
-    if not is_valid_flac(target):
+    rendered = not is_valid_flac(target)
+    if rendered:
         audio = augment_audio(Path(utt.audio), chain, uid, AUGMENT_TIMEOUT_S)  # [N]
         target.parent.mkdir(parents=True, exist_ok=True)
         staged = target.with_suffix(".tmp.flac")
@@ -150,7 +154,8 @@ def augment_copy(utt: Utterance, copy: int, out_dir: Path, cfg: AugmentConfig) -
         os.replace(staged, target)
     extra = {**utt.extra, "augment": chain, "augmented_from": utt.id}
     duration = round(sf.info(str(target)).duration, 3)
-    return dataclasses.replace(utt, id=uid, audio=str(target), duration=duration, extra=extra)
+    line = dataclasses.replace(utt, id=uid, audio=str(target), duration=duration, extra=extra)
+    return line, rendered
 
 
 def augment_manifest(
@@ -169,22 +174,24 @@ def augment_manifest(
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     jobs = [(u, c) for u in read_manifest(manifest)[:limit] for c in range(copies)]
-    skipped = sum(is_valid_flac(augmented_path(out_dir, u, c)) for u, c in jobs)
-    lines, errors = [], []
+    lines, errors, rendered = [], [], 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # the work runs in sox
         futures = [pool.submit(augment_copy, u, c, out_dir, cfg) for u, c in jobs]
         for (utt, copy), future in tqdm(
             zip(jobs, futures, strict=True), total=len(jobs), desc="augment", unit=" utt"
         ):
             try:
-                lines.append(future.result())
+                line, fresh = future.result()
             except (SynthesisError, RuntimeError, OSError) as err:  # one bad file: skip it
                 errors.append(f"{copy_id(utt, copy)}: {err}")
                 log.warning("augment failed: %s", errors[-1])
+                continue
+            lines.append(line)
+            rendered += fresh
     out = out_dir / Path(manifest).name
     write_manifest(out, lines)
     return AugmentReport(
-        out=str(out), lines=len(lines), rendered=len(lines) - skipped, skipped=skipped,
+        out=str(out), lines=len(lines), rendered=rendered, skipped=len(lines) - rendered,
         failed=len(errors), seconds=round(time.perf_counter() - start, 2), errors=errors[:20],
     )  # fmt: skip
 
