@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,24 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.llm import load_llm  # noqa: E402
 from server.threads import on_own_thread  # noqa: E402
-from training.responses import Answer, answer_with_worker, generate_batch, prompt_ids  # noqa: E402
+from training.responses import Answer, answer_texts  # noqa: E402
 
 
-def with_generate(llm, texts: list[str], tokens: int, batch: int) -> dict[str, Answer]:
-    """Answers as `respond --engine generate` gives them (length-sorted batches)."""
-    ordered = sorted(texts, key=len)
-    answers = {}
-    for start in range(0, len(ordered), batch):
-        chunk = ordered[start : start + batch]
-        prompts = [prompt_ids(llm, t, None) for t in chunk]
-        answers |= dict(zip(chunk, generate_batch(llm, prompts, tokens), strict=True))
-    return answers
-
-
-def with_worker(llm, texts: list[str], tokens: int, in_flight: int) -> dict[str, Answer]:
-    answers: dict[str, Answer] = {}
-    answer_with_worker(llm, texts, None, tokens, in_flight, lambda t, a: answers.__setitem__(t, a))
-    return answers
+def answered(llm, texts: list[str], tokens: int, batch: int, engine: str) -> dict[str, Answer]:
+    """`respond`'s own path (`answer_texts`) with a fresh cache, so every text is generated."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "cache.jsonl"
+        return answer_texts(llm, texts, cache, None, tokens, batch, engine)
 
 
 def timed(fn, *args) -> tuple[dict[str, Answer], float]:
@@ -60,12 +51,14 @@ def main() -> None:
     lines = (json.loads(line) for line in args.manifest.open())
     texts = list(dict.fromkeys(line["text"] for line in lines))[: args.texts]
     llm = on_own_thread(load_llm, args.llm, args.device)  # as respond loads it
-    with_worker(llm, texts[:4], 4, 4)  # warm-up: the engine's first start
+    answered(llm, texts[:4], 4, 4, "worker")  # warm-up: the engine's first start
     # generate on a thread that ends, like the worker's engine thread: one torch pool at a time
-    reference, base_s = on_own_thread(timed, with_generate, llm, texts, args.tokens, args.batch)
+    reference, base_s = on_own_thread(
+        timed, answered, llm, texts, args.tokens, args.batch, "generate"
+    )
     rows = [(f"generate, batches of {args.batch}", base_s, len(texts))]
     for n in args.in_flight:
-        answers, seconds = timed(with_worker, llm, texts, args.tokens, n)
+        answers, seconds = timed(answered, llm, texts, args.tokens, n, "worker")
         rows.append(
             (f"worker, {n} in flight", seconds, sum(answers[t] == reference[t] for t in texts))
         )
