@@ -53,6 +53,21 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_llm_dir: Path) -> Path
     return root / "out"
 
 
+def tiny_conformer_align(tiny_llm_dir: Path, **changes) -> AlignConfig:
+    """Alignment of a tiny conformer to the tiny Llama: fast steps that visibly learn."""
+    base = AlignConfig(
+        llm=str(tiny_llm_dir),
+        encoder_kind="conformer",
+        encoder_preset="tiny",
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=1,
+        num_workers=0,
+        max_response_tokens=12,
+    )
+    return base.replace(**changes)
+
+
 def test_responses_are_added_to_every_line(corpus: Path):
     for split in ("train", "dev"):
         utts = read_manifest(corpus / f"{split}.jsonl")
@@ -62,19 +77,7 @@ def test_responses_are_added_to_every_line(corpus: Path):
 def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
     corpus: Path, tiny_llm_dir, tiny_llm, tmp_path
 ):
-    cfg = AlignConfig(
-        llm=str(tiny_llm_dir),
-        encoder_kind="conformer",
-        encoder_preset="tiny",
-        steps=12,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=1,
-        eval_every=6,
-        save_every=6,
-        num_workers=0,
-        max_response_tokens=12,
-    )
+    cfg = tiny_conformer_align(tiny_llm_dir, steps=12, eval_every=6, save_every=6)
     manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
     out = align(cfg, manifests, tmp_path / "run")
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -232,20 +235,8 @@ def test_init_from_a_whisper_checkpoint_keeps_whisper_frozen(tiny_llm, tiny_llm_
 
 
 def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp_path):
-    cfg = AlignConfig(
-        llm=str(tiny_llm_dir),
-        encoder_kind="conformer",
-        encoder_preset="tiny",
-        steps=5,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=1,
-        eval_every=5,
-        save_every=5,
-        num_workers=0,
-        max_response_tokens=12,
-        ctc_weight=1.0,
-        ctc_min_count=1,
+    cfg = tiny_conformer_align(
+        tiny_llm_dir, steps=5, eval_every=5, save_every=5, ctc_weight=1.0, ctc_min_count=1
     )
     manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
     align(cfg, manifests, tmp_path / "run")
