@@ -1,13 +1,14 @@
 """CUDA graphs of the lean decode step, one per (rows, key block), replayed for every step.
 
 Own capture rather than `torch.compile(mode="reduce-overhead")`: a decode step of a 7B model is
-~18 kernels a layer, ~580 launches, whose CPU cost (an eager step: 29-32 ms on an H100) dwarfs
-the 4.5 ms the GPU needs to stream the weights (replayed: 6.7 ms for one row, 7.7 for 16), and
-once the key range is rounded up to a block (`LeanDecode.static_step`:
-rows mask the columns past their position) the step's shapes and buffers are fixed, so a plain
-`torch.cuda.CUDAGraph` per (first row, last row, key block) replays it with one launch. Graphs
-point at the arena's storage, so an arena that grows (a new tensor) drops them; they share one
-memory pool; the least recently used go past `GRAPH_MAX`.
+~18 kernels a layer, ~580 launches, whose CPU cost (an eager step: 10-30 ms on an H100) dwarfs
+the 4.5 ms the GPU needs to stream the weights (replayed: 6.9 ms for one row, 8.0 for 16; 6.2
+and 7.1 with the pointwise work fused, server/engine_fused.py), and once the key range is
+rounded up to a block (`LeanDecode.static_step`: rows mask the columns past their position)
+the step's shapes and buffers are fixed, so a plain `torch.cuda.CUDAGraph` per (first row, last
+row, key block) replays it with one launch. Graphs point at the arena's storage, so an arena
+that grows (a new tensor) drops them; they share one memory pool; the least recently used go
+past `GRAPH_MAX`.
 
 Dims: B decoding rows, V vocabulary.
 """

@@ -32,6 +32,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
 from server.engine_decode import lay_out_for_decode, make_decode_bias, position_bias
+from server.engine_fused import FusedPieces
 from server.engine_graphs import GraphedDecode
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,9 @@ class LeanDecode:
     ) -> None:
         """`pack`: keep oneDNN-packed weight copies (default: `should_pack`); `compiled`: on CPU,
         one-row steps through `CompiledRowStep` (compiled here, falling back to the eager step
-        where compiling fails); on CUDA, every step replayed from CUDA graphs (`GraphedDecode`)."""
+        where compiling fails); on CUDA, every step replayed from CUDA graphs (`GraphedDecode`)
+        of the static step with its pointwise work fused (`FusedPieces`, compiled here; without
+        them where compiling fails)."""
         reason = lean_support(model)
         if reason is not None:
             raise ValueError(f"lean decode does not support this model: {reason}")
@@ -223,6 +226,18 @@ class LeanDecode:
         )  # fmt: skip
         self.row_step = self._compiled_row_step(model) if compile_row else None
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
+        self.fused = self._fused_pieces(model) if self.graphs is not None else None
+
+    def _fused_pieces(self, model: torch.nn.Module) -> FusedPieces | None:
+        try:
+            fused = FusedPieces(self, model.config)
+            fused.warm_up()
+        except Exception as exc:  # an op inductor cannot lower, no Triton, ...
+            log.warning(
+                "compiling the fused decode pieces failed, graphing the plain step: %r", exc
+            )
+            return None
+        return fused
 
     def _compiled_row_step(self, model: torch.nn.Module) -> CompiledRowStep | None:
         try:
@@ -290,7 +305,10 @@ class LeanDecode:
         same buffers for every position below `k_len`, which a CUDA graph can replay. With
         `fused_ops` (CUDA) it runs ~18 kernels a layer against `step`'s ~40 on the module ops
         (in a graph each costs a few microseconds whatever its size), attention being one SDPA
-        call with each K/V head's query heads as its queries."""
+        call with each K/V head's query heads as its queries; with `fused` (compiled pieces),
+        ~10."""
+        if self.fused is not None:
+            return self.fused.static_step(arena, lo, hi, ids, pos, k_len)
         rows = hi - lo
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
@@ -338,12 +356,11 @@ class LeanDecode:
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         """On CUDA, attention without cuDNN's SDPA backend (prefills and the graphed step).
-        Every turn's prefill has a new (queries, keys) shape; on an H100 (7B, bf16) a session
-        turn's 70-90-position prefill took 50-60 ms against 13 ms for one position, the first
-        prefills of some new shapes 0.6 s, and capturing a step for a new key block 0.45 s
-        once in a while (9-16 ms otherwise), which is what cuDNN building and runtime-compiling
-        a plan per shape would cost; the memory-efficient kernel needs no plan. Not yet
-        measured with this change on a device."""
+        Every turn's prefill has a new (queries, keys) shape, for which cuDNN builds a plan: on
+        an H100 (7B, bf16) with it a session turn's 70-90-position prefill took 50-60 ms against
+        13 ms for one position, and a 5 s audio turn's first text came 70-105 ms after the
+        request; without it 21-41 ms at turn 1 and 16-25 ms at turn 10 (the memory-efficient
+        kernel needs no plan)."""
         if not self.fused_ops:  # CPU
             return contextlib.nullcontext()
         return sdpa_kernel(CUDA_SDPA_BACKENDS)

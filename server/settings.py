@@ -63,7 +63,8 @@ class Settings(BaseSettings):
         description="'lean': fused Llama step (other models use 'hf'); 'compiled': 'lean' plus,"
         " on CPU, a one-row step compiled by inductor (needs a C++ compiler; 10-20 s at the first"
         " start, then inductor's cache; falls back to 'lean') and, on CUDA, every decode step"
-        " replayed from CUDA graphs; 'hf': transformers' forward",
+        " replayed from CUDA graphs with its pointwise work fused by inductor (needs Triton); 'hf':"
+        " transformers' forward",
     )
     num_threads: int | None = Field(None, ge=1, description="torch threads of the model thread")
     stream_window_s: float = Field(

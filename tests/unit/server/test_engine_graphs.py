@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.speech_llm import SpeechLLM
 from server.engine_batch import Arena
+from server.engine_fused import WARM_ROWS, FusedPieces
 from server.engine_graphs import GraphedDecode
 from server.engine_lean import LeanDecode
 from server.kv_cache import KVStore
@@ -66,6 +67,46 @@ def test_static_step_over_a_padded_key_range_equals_the_forward(overrides):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@GQA_AND_MHA
+def test_fused_pieces_static_step_equals_the_forward(overrides):
+    """The compiled pieces (inductor on this CPU) in the static step: the same logits as the
+    forward for one row, then three, over padded key ranges, with no compile after warm-up."""
+    model = tiny_model(**overrides)
+    seqs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
+    expected = forward_logits(model, seqs)  # [3, V]
+    lean = LeanDecode(model, pack=False)
+    fused = FusedPieces(lean, model.config)
+    assert fused.warm_up() > 0
+    compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    lean.fused = fused
+    arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
+    assert arena.ensure(len(seqs), 300)
+    with torch.inference_mode():
+        for row, seq in enumerate(seqs):  # each prefix alone through the fused static step
+            for pos, token in enumerate(seq[:-1].tolist()):
+                one = torch.tensor([token]), torch.tensor([pos])
+                lean.static_step(arena, row, row + 1, *one, 16)
+        ids = torch.tensor([int(s[-1]) for s in seqs])  # [3]
+        pos = torch.tensor([len(s) - 1 for s in seqs])  # [3]
+        for k_len in (13, 64, arena.capacity):
+            got = lean.static_step(arena, 0, 3, ids, pos, k_len)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        two = lean.static_step(arena, 1, 3, ids[1:], pos[1:], 16)  # a row count warmed up too
+    torch.testing.assert_close(two, expected[1:], rtol=1e-4, atol=1e-4)
+    assert len(seqs) in WARM_ROWS
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles  # no recompile
+
+
+def test_each_fused_pieces_compiles_apart():
+    """Dynamo counts compiled entries per code object: two models' pieces under a limit of two
+    entries (each needs one row and dynamic rows) still compile, neither falling back."""
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for overrides in ({}, {"num_key_value_heads": 4}):
+            model = tiny_model(**overrides)
+            assert LeanDecode(model, pack=False).fused is None  # CPU: no graphs, no pieces
+            FusedPieces(LeanDecode(model, pack=False), model.config).warm_up()
+
+
 def test_one_graph_per_rows_and_key_block_and_a_new_arena_drops_them():
     """Bookkeeping without capture (replay runs the static step): one row decoding 24 tokens
     with blocks of 8 keys needs three graphs; growing the arena mid-way drops them."""
@@ -96,7 +137,7 @@ def test_cuda_graph_replays_equal_the_forward(overrides, dtype):
     seqs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in LENGTHS]
     expected = forward_logits(model, seqs)  # [3, V]
     lean = LeanDecode(model, compiled=True)
-    assert lean.graphs is not None and lean.row_step is None
+    assert lean.graphs is not None and lean.row_step is None and lean.fused is not None
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
     assert arena.ensure(len(seqs), max(LENGTHS))
     got = decode_rows(lean, arena, seqs)
