@@ -54,6 +54,26 @@ def weights_of(linear: DecodeLinear) -> Weights:
     return linear.weight, linear.bias
 
 
+def layer_weights(lean: LeanDecode, weights) -> tuple[list[tuple], tuple]:
+    """Each layer's (input norm, q/k/v, o, post-attention norm, gate/up, down) and the final
+    (norm, LM head), a projection given as `weights(DecodeLinear)`: what compiled pieces that
+    take the weights as inputs are called with."""
+    layers = [
+        (layer.norm_in.weight, weights(layer.qkv), weights(layer.o_proj),
+         layer.norm_post.weight, weights(layer.gate_up), weights(layer.down_proj))
+        for layer in lean.layers
+    ]  # fmt: skip
+    return layers, (lean.norm.weight, weights(lean.lm_head))
+
+
+def llama_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As LlamaRMSNorm, in ops inductor fuses: normalise in float32, scale in the model's
+    dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
 class CompiledRowStep:
     """`step(arena, row, position, token)` -> logits [1, V], as `LeanDecode.step` for one row."""
 
@@ -62,18 +82,10 @@ class CompiledRowStep:
         eps, act = config.rms_norm_eps, lean.layers[0].act
         heads, kv_heads, head_dim = lean.heads, lean.kv_heads, lean.head_dim
         self.gqa = heads != kv_heads
-        self.layers = [
-            (layer.norm_in.weight, weights_of(layer.qkv), weights_of(layer.o_proj),
-             layer.norm_post.weight, weights_of(layer.gate_up), weights_of(layer.down_proj))
-            for layer in lean.layers
-        ]  # fmt: skip
-        self.final = (lean.norm.weight, weights_of(lean.lm_head))
+        self.layers, self.final = layer_weights(lean, weights_of)
 
         def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            """As LlamaRMSNorm: normalise in float32, scale in the model's dtype."""
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * h.to(x.dtype)
+            return llama_rms(x, weight, eps)
 
         def gemv(x: torch.Tensor, w: Weights) -> torch.Tensor:
             """x [1, in] -> x W^T + b [1, out], summed in float32."""

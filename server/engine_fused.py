@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from server.engine_batch import Arena
+from server.engine_compiled import layer_weights, llama_rms
 from server.engine_decode import position_bias
 
 if TYPE_CHECKING:
@@ -65,20 +66,11 @@ class FusedPieces:
         self.lean = lean
         eps, act = config.rms_norm_eps, lean.layers[0].act
         heads, kv_heads, head_dim = lean.heads, lean.kv_heads, lean.head_dim
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-        self.layers = [
-            (layer.norm_in.weight, linear_of(layer.qkv), linear_of(layer.o_proj),
-             layer.norm_post.weight, linear_of(layer.gate_up), linear_of(layer.down_proj))
-            for layer in lean.layers
-        ]  # fmt: skip
-        self.final = (lean.norm.weight, linear_of(lean.lm_head))
+        self.layers, self.final = layer_weights(lean, linear_of)
         linear = F.linear  # cuBLAS: inductor's own multiply-and-sum GEMV was slower (above)
 
         def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            """As LlamaRMSNorm: normalise in float32, scale in the model's dtype."""
-            h = x.float()
-            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-            return weight * h.to(x.dtype)
+            return llama_rms(x, weight, eps)
 
         def first(x, norm_in, qkv, cos, sin):
             """x [B, D] -> grouped rotated q [B, Hkv, G, Dh], new K/V [B, 2, Hkv, Dh]."""
