@@ -7,6 +7,8 @@ Usage:
   python bench/bench_step.py                       # embedded SmolLM2 on this CPU
 
 `--profile` (CUDA): the GPU kernels of ten one-row static steps, fused and plain, by total time.
+On CUDA, where the fused pieces split the MLP's projections (server/engine_splitk.py), the same
+pieces without splitting get a column of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bench.models import (  # noqa: E402
     sync,
 )
 from server.engine_batch import Arena  # noqa: E402
+from server.engine_fused import FusedPieces  # noqa: E402
 from server.engine_graphs import GraphedDecode  # noqa: E402
 from server.engine_lean import LeanDecode  # noqa: E402
 from server.kv_cache import KVStore  # noqa: E402
@@ -94,9 +97,15 @@ def main() -> None:
     lean = on_own_thread(LeanDecode, llm.model, None, True, threads=args.threads)
     compiled, fused = lean.graphs or lean.row_step, lean.fused
     gpu = device.type == "cuda"
+    unsplit = None  # the fused pieces without split-K, where the timed ones split
+    if gpu and fused is not None and any(split > 1 for split in fused.splits.values()):
+        no_split = {name: 1 for name in fused.splits}
+        unsplit = on_own_thread(FusedPieces, lean, llm.model.config, no_split)
+        on_own_thread(unsplit.warm_up)
     print(f"\n{llm.name} on {args.device} ({llm.dtype}); weights stream in {stream_ms:.2f} ms "
           f"at {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
     plain_col = f" {'graphs ms':>10}" if gpu else ""
+    plain_col += f" {'no split-K':>10}" if unsplit is not None else ""
     print(f"{'rows':>4} {'eager ms':>9}{plain_col} {'compiled ms':>12} {'speed-up':>9} "
           f"{'bound/compiled':>15}")  # fmt: skip
     for rows in args.rows:
@@ -106,6 +115,9 @@ def main() -> None:
         if gpu:  # graphs of the plain static step, then of the fused one (fresh graphs each)
             lean.fused, lean.graphs = None, GraphedDecode(lean)
             plain = f" {on_own_thread(step_ms, lean, arena, rows):>10.2f}"
+            if unsplit is not None:
+                lean.fused, lean.graphs = unsplit, GraphedDecode(lean)
+                plain += f" {on_own_thread(step_ms, lean, arena, rows):>10.2f}"
             lean.fused, lean.graphs = fused, GraphedDecode(lean)
         elif rows == 1:
             lean.row_step = compiled
@@ -114,9 +126,12 @@ def main() -> None:
               f"{100 * stream_ms / fast:>14.0f}%")  # fmt: skip
     if lean.graphs is not None:
         print(f"CUDA graphs captured: {lean.graphs.captured}; failed: {lean.graphs.failed}; "
-              f"fused pieces: {fused is not None}")  # fmt: skip
+              f"fused pieces: {fused is not None}, split-K {fused and fused.splits}")  # fmt: skip
     if args.profile and gpu:
-        for label, pieces in (("fused static step", fused), ("plain static step", None)):
+        cases = [("fused static step", fused), ("plain static step", None)]
+        if unsplit is not None:
+            cases.insert(1, ("fused static step, no split-K", unsplit))
+        for label, pieces in cases:
             lean.fused = pieces
             on_own_thread(profile_kernels, lean, arena, label)
 

@@ -7,7 +7,8 @@ step's ~18 kernels a layer costs a few microseconds whatever its size, and the p
 not constants, so the same three graphs (first layer, between layers, last layer) serve every
 layer; the row count is dynamic after the first two sizes (compiled at `warm_up`, before any
 capture: compiling inside a capture would fail it); attention over the arena stays eager (SDPA)
-with the K/V written by one indexed copy. Projections stay cuBLAS's.
+with the K/V written by one indexed copy. Projections stay cuBLAS's, the MLP's two as split-K
+partial products where timing on the device says so (server/engine_splitk.py).
 
 Measured on an H100 (Llama-2-7B shape, bf16, one row, 256 keys; `bench/bench_step.py --profile`;
 the weights stream in 4.45-4.48 ms): graphed plain step 6.86-6.89 ms (626 kernels, 6.73 ms of
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from server.engine_batch import Arena
 from server.engine_compiled import layer_weights, llama_rms
 from server.engine_decode import position_bias
+from server.engine_splitk import pick_split, project
 
 if TYPE_CHECKING:
     from server.engine_lean import DecodeLinear, LeanDecode
@@ -62,12 +64,20 @@ class FusedPieces:
     """`static_step(arena, lo, hi, ids, pos, k_len)` -> logits [B, V], as
     `LeanDecode.static_step` with the layers' pointwise work fused."""
 
-    def __init__(self, lean: LeanDecode, config) -> None:
+    def __init__(self, lean: LeanDecode, config, splits: dict[str, int] | None = None) -> None:
+        """`splits`: the split-K of the gate/up and down projections (server/engine_splitk.py;
+        default: timed on a CUDA device, 1 elsewhere)."""
         self.lean = lean
         eps, act = config.rms_norm_eps, lean.layers[0].act
         heads, kv_heads, head_dim = lean.heads, lean.kv_heads, lean.head_dim
         self.layers, self.final = layer_weights(lean, linear_of)
         linear = F.linear  # cuBLAS: inductor's own multiply-and-sum GEMV was slower (above)
+        layer = lean.layers[0]
+        self.splits = splits or {
+            name: pick_split(*linear_of(getattr(layer, name)), name)
+            for name in ("gate_up", "down_proj")
+        }
+        gate_up_split, down_split = self.splits["gate_up"], self.splits["down_proj"]
 
         def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return llama_rms(x, weight, eps)
@@ -86,8 +96,8 @@ class FusedPieces:
         def rest(x, att, o_proj, norm_post, gate_up, down):
             """The layer after attention: x [B, D], att [B, H Dh] -> x [B, D]."""
             x = x + linear(att, *o_proj)
-            gate, up = linear(rms(x, norm_post), *gate_up).chunk(2, -1)  # [B, I] each
-            return x + linear(act(gate) * up, *down)
+            gate, up = project(rms(x, norm_post), *gate_up, gate_up_split).chunk(2, -1)
+            return x + project(act(gate) * up, *down, down_split)  # gate, up: [B, I] each
 
         def middle(x, att, o_proj, norm_post, gate_up, down, norm_in, qkv, cos, sin):
             """This layer's rest, then the next layer's q and K/V."""

@@ -68,14 +68,17 @@ def test_static_step_over_a_padded_key_range_equals_the_forward(overrides):
 
 
 @GQA_AND_MHA
-def test_fused_pieces_static_step_equals_the_forward(overrides):
+@pytest.mark.parametrize("splits", [None, {"gate_up": 2, "down_proj": 4}], ids=["timed", "split-k"])
+def test_fused_pieces_static_step_equals_the_forward(overrides, splits):
     """The compiled pieces (inductor on this CPU) in the static step: the same logits as the
-    forward for one row, then three, over padded key ranges, with no compile after warm-up."""
+    forward for one row, then three, over padded key ranges, with no compile after warm-up;
+    also with the MLP's projections as split-K partial products (timed on CUDA only)."""
     model = tiny_model(**overrides)
     seqs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
     expected = forward_logits(model, seqs)  # [3, V]
     lean = LeanDecode(model, pack=False)
-    fused = FusedPieces(lean, model.config)
+    fused = FusedPieces(lean, model.config, splits)
+    assert fused.splits == (splits or {"gate_up": 1, "down_proj": 1})  # CPU: nothing timed
     assert fused.warm_up() > 0
     compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     lean.fused = fused
