@@ -237,11 +237,16 @@ class LeanDecode:
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
         self.fused = self._fused_pieces(model) if self.graphs is not None else None
 
-    def _fused_pieces(self, model: torch.nn.Module) -> FusedPieces | None:
+    def _fused_pieces(self, model: torch.nn.Module, splits: dict | None = None):
+        """Compiled `FusedPieces` (split-K where timed faster; without it where that fails to
+        compile), or None where compiling fails."""
         try:
-            fused = FusedPieces(self, model.config)
+            fused = FusedPieces(self, model.config, splits)
             fused.warm_up()
         except Exception as exc:  # an op inductor cannot lower, no Triton, ...
+            if splits is None:  # the timed splits may be what failed
+                log.warning("fused decode pieces failed to compile, again without split-K: %r", exc)
+                return self._fused_pieces(model, {"gate_up": 1, "down_proj": 1})
             log.warning(
                 "compiling the fused decode pieces failed, graphing the plain step: %r", exc
             )

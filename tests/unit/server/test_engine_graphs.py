@@ -164,3 +164,23 @@ def test_worker_on_cuda_graphs_equals_generate(tiny_llm):
     worker = eight_batched_sessions_equal_generate(SpeechLLM(llm), decode_step="compiled")
     graphs = worker.engine.lean.graphs
     assert graphs is not None and graphs.failed is None and graphs.captured > 0
+
+
+def test_split_k_pieces_that_fail_to_compile_are_built_again_without_it(monkeypatch, caplog):
+    """Timed splits whose graph cannot compile cost the split, not the fused pieces."""
+    import server.engine_fused as engine_fused
+
+    real_warm_up = FusedPieces.warm_up
+
+    def warm_up(self) -> float:
+        if any(split > 1 for split in self.splits.values()):
+            raise RuntimeError("no lowering for split-K here")
+        return real_warm_up(self)
+
+    monkeypatch.setattr(engine_fused, "pick_split", lambda *_: 2)  # as a device might time it
+    monkeypatch.setattr(FusedPieces, "warm_up", warm_up)
+    model = tiny_model()
+    with caplog.at_level("WARNING"):
+        fused = LeanDecode(model, pack=False)._fused_pieces(model)
+    assert fused is not None and fused.splits == {"gate_up": 1, "down_proj": 1}
+    assert "again without split-K" in caplog.text
