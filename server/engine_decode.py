@@ -113,3 +113,34 @@ def position_bias(pos: torch.Tensor, k_len: int, dtype: torch.dtype) -> torch.Te
     cols = torch.arange(k_len, device=pos.device)  # [K]
     bias = torch.zeros(pos.shape[0], 1, 1, k_len, dtype=dtype, device=pos.device)
     return bias.masked_fill_((cols[None] > pos[:, None])[:, None, None], torch.finfo(dtype).min)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One query per row over its keys as two batched matmuls, the query heads of a K/V head
+    side by side: q [B, H, 1, Dh], keys/values [B, Hkv, K, Dh], bias [B, 1, 1, K] (None: every
+    key) -> [B, H, 1, Dh]. For a batch of single queries this beats SDPA's CPU kernel (SmolLM2,
+    16 rows: 13 ms a step).
+
+    bf16 on CPU takes keys q^T [B, Hkv, K, G] (softmax over K): oneDNN copies a transposed key
+    block out of the arena (SmolLM2, 2 cores, 16 rows, step at 100 / 300 / 800 keys: 41 / 55 /
+    78 ms vs 42 / 60 / 103); fp32 is faster the plain way (65 / 74 / 94 vs 63-67 / 79 / 106)."""
+    b, heads, _, dh = q.shape
+    grouped = q.view(b, keys.shape[1], -1, dh)  # [B, Hkv, G, Dh]
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        scores = torch.matmul(keys, grouped.transpose(-1, -2)).float().mul_(scale)  # [B,Hkv,K,G]
+        if bias is not None:
+            scores = scores + bias.transpose(-1, -2)
+        probs = torch.softmax(scores, dim=-2).to(q.dtype)
+        out = torch.matmul(probs.transpose(-1, -2), values)  # [B, Hkv, G, Dh]
+        return out.view(b, heads, 1, dh)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, K]
+    if bias is not None:
+        scores = scores + bias
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values).view(b, heads, 1, dh)  # [B, H, 1, Dh]

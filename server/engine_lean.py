@@ -31,7 +31,12 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
-from server.engine_decode import lay_out_for_decode, make_decode_bias, position_bias
+from server.engine_decode import (
+    grouped_attention,
+    lay_out_for_decode,
+    make_decode_bias,
+    position_bias,
+)
 from server.engine_fused import FusedPieces
 from server.engine_graphs import GraphedDecode
 
@@ -95,28 +100,6 @@ class LeanLayer:
     down_proj: DecodeLinear  # I -> D
     act: torch.nn.Module
     scaling: float
-
-
-def grouped_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """One query per row over its keys as two batched matmuls, the query heads of a K/V head
-    side by side: q [B, H, 1, Dh], keys/values [B, Hkv, K, Dh], bias [B, 1, 1, K] -> [B, H, 1, Dh].
-    For a batch of single queries this beats SDPA's CPU kernel (SmolLM2, 16 rows: 13 ms a step).
-
-    bf16 on CPU takes keys q^T [B, Hkv, K, G] (softmax over K): oneDNN copies a transposed key
-    block out of the arena (SmolLM2, 2 cores, 16 rows, step at 100 / 300 / 800 keys: 41 / 55 /
-    78 ms vs 42 / 60 / 103); fp32 is faster the plain way (65 / 74 / 94 vs 63-67 / 79 / 106)."""
-    b, heads, _, dh = q.shape
-    grouped = q.view(b, keys.shape[1], -1, dh)  # [B, Hkv, G, Dh]
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        scores = torch.matmul(keys, grouped.transpose(-1, -2)).float().mul_(scale)  # [B,Hkv,K,G]
-        probs = torch.softmax(scores + bias.transpose(-1, -2), dim=-2).to(q.dtype)
-        out = torch.matmul(probs.transpose(-1, -2), values)  # [B, Hkv, G, Dh]
-        return out.view(b, heads, 1, dh)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, K]
-    probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, values).view(b, heads, 1, dh)  # [B, H, 1, Dh]
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
