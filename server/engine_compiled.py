@@ -46,6 +46,8 @@ def prime_dynamo() -> None:
 
 prime_dynamo()  # at import, which happens on the main thread in the server, tests and benches
 
+BF16_MATMUL_KEYS = 256  # keys from which one bf16 row attends through batched matmuls
+
 Weights = tuple[torch.Tensor, torch.Tensor | None]  # [out, in] contiguous, bias [out] or None
 
 
@@ -125,11 +127,11 @@ class CompiledRowStep:
 
     def _attend(self, q, keys, values, scale: float) -> torch.Tensor:
         """q [1, H, 1, Dh] over all of keys/values [1, Hkv, K, Dh] -> [1, H, 1, Dh]: SDPA, but
-        in bf16 the batched matmuls of `grouped_attention` (SmolLM2, one core: 101 vs 187 us a
-        layer at 200 keys, 179 vs 775 at 800; the whole bf16 step on 2 cores 19.9 vs 19.6 ms at
-        200 keys, 23.6 vs 30.8 ms at 800; in fp32 SDPA is the faster, 30 vs 43 and 101 vs 114
-        us)."""
-        if q.dtype == torch.bfloat16:
+        in bf16 from `BF16_MATMUL_KEYS` keys the batched matmuls of `grouped_attention`
+        (SmolLM2, the whole bf16 step on 2 cores, SDPA vs matmuls: 22.7 vs 24.5 ms at 60 keys,
+        19.6-22.2 vs 19.9-21.2 at 200, 30.8 vs 23.6 at 800; fp32 SDPA is the faster throughout,
+        30 vs 43 us a layer at 200 keys, 101 vs 114 at 800)."""
+        if q.dtype == torch.bfloat16 and keys.shape[2] >= BF16_MATMUL_KEYS:
             return grouped_attention(q, keys, values, None, scale)
         return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=self.gqa)
 

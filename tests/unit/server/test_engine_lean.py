@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
+from server import engine_compiled
 from server.engine_batch import ARENA_GROW, Arena, PackedPrefill
 from server.engine_compiled import CompiledRowStep
 from server.engine_lean import PACK_PAD, DecodeLinear, LeanDecode, lean_support
@@ -124,10 +125,14 @@ def test_an_idle_arena_shrinks_to_the_next_request():
     ids=["gqa", "mha-biases"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_one_row_step_equals_forward_without_recompiling(overrides, dtype, caplog):
+def test_compiled_one_row_step_equals_forward_without_recompiling(
+    overrides, dtype, caplog, monkeypatch
+):
     """Steps of one row at growing positions through the compiled pieces: the forward's logits
     at every position, and no graph compiled after the warm-up (weights are inputs, so one
-    graph serves every layer and every position); bf16 attends through batched matmuls."""
+    graph serves every layer and every position); bf16 attends through SDPA for its first four
+    positions, then through batched matmuls."""
+    monkeypatch.setattr(engine_compiled, "BF16_MATMUL_KEYS", 4)
     model = tiny_model(**overrides).to(dtype)
     seq = torch.randint(0, VOCAB, (9,))
     expected = model(seq[None]).logits[0]  # [T, V]
