@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from model.speech_llm import SpeechLLM
+from server import engine_fused
 from server.engine_batch import Arena
 from server.engine_fused import WARM_ROWS, FusedPieces
 from server.engine_graphs import GraphedDecode
@@ -168,8 +169,6 @@ def test_worker_on_cuda_graphs_equals_generate(tiny_llm):
 
 def test_split_k_pieces_that_fail_to_compile_are_built_again_without_it(monkeypatch, caplog):
     """Timed splits whose graph cannot compile cost the split, not the fused pieces."""
-    import server.engine_fused as engine_fused
-
     real_warm_up = FusedPieces.warm_up
 
     def warm_up(self) -> float:
