@@ -31,7 +31,7 @@ from bench.models import (  # noqa: E402
     sync,
 )
 from server.engine_batch import Arena  # noqa: E402
-from server.engine_fused import FusedPieces  # noqa: E402
+from server.engine_fused import NO_SPLIT, FusedPieces  # noqa: E402
 from server.engine_graphs import GraphedDecode  # noqa: E402
 from server.engine_lean import LeanDecode  # noqa: E402
 from server.kv_cache import KVStore  # noqa: E402
@@ -98,9 +98,8 @@ def main() -> None:
     compiled, fused = lean.graphs or lean.row_step, lean.fused
     gpu = device.type == "cuda"
     unsplit = None  # the fused pieces without split-K, where the timed ones split
-    if gpu and fused is not None and any(split > 1 for split in fused.splits.values()):
-        no_split = {name: 1 for name in fused.splits}
-        unsplit = on_own_thread(FusedPieces, lean, llm.model.config, no_split)
+    if gpu and fused is not None and fused.splits != NO_SPLIT:
+        unsplit = on_own_thread(FusedPieces, lean, llm.model.config, NO_SPLIT)
         on_own_thread(unsplit.warm_up)
     print(f"\n{llm.name} on {args.device} ({llm.dtype}); weights stream in {stream_ms:.2f} ms "
           f"at {bandwidth / 1e9:.0f} GB/s")  # fmt: skip

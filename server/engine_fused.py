@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WARM_ROWS = (1, 2, 3)  # row counts compiled at warm-up: 1 specialised, then dynamic
+SPLIT_PROJECTIONS = ("gate_up", "down_proj")  # LeanLayer projections that may be split-K
+NO_SPLIT = dict.fromkeys(SPLIT_PROJECTIONS, 1)
 
 Linear = tuple[torch.Tensor, torch.Tensor | None]  # weight [out, in], bias [out] or None
 
@@ -74,8 +76,7 @@ class FusedPieces:
         linear = F.linear  # cuBLAS: inductor's own multiply-and-sum GEMV was slower (above)
         layer = lean.layers[0]
         self.splits = splits or {
-            name: pick_split(*linear_of(getattr(layer, name)), name)
-            for name in ("gate_up", "down_proj")
+            name: pick_split(*linear_of(getattr(layer, name)), name) for name in SPLIT_PROJECTIONS
         }
         gate_up_split, down_split = self.splits["gate_up"], self.splits["down_proj"]
 

@@ -37,7 +37,7 @@ from server.engine_decode import (
     make_decode_bias,
     position_bias,
 )
-from server.engine_fused import FusedPieces
+from server.engine_fused import NO_SPLIT, FusedPieces
 from server.engine_graphs import GraphedDecode
 
 log = logging.getLogger(__name__)
@@ -223,13 +223,14 @@ class LeanDecode:
     def _fused_pieces(self, model: torch.nn.Module, splits: dict | None = None):
         """Compiled `FusedPieces` (split-K where timed faster; without it where that fails to
         compile), or None where compiling fails."""
+        fused = None
         try:
             fused = FusedPieces(self, model.config, splits)
             fused.warm_up()
         except Exception as exc:  # an op inductor cannot lower, no Triton, ...
-            if splits is None:  # the timed splits may be what failed
+            if fused is not None and fused.splits != NO_SPLIT:  # the split may be what failed
                 log.warning("fused decode pieces failed to compile, again without split-K: %r", exc)
-                return self._fused_pieces(model, {"gate_up": 1, "down_proj": 1})
+                return self._fused_pieces(model, NO_SPLIT)
             log.warning(
                 "compiling the fused decode pieces failed, graphing the plain step: %r", exc
             )

@@ -183,3 +183,17 @@ def test_split_k_pieces_that_fail_to_compile_are_built_again_without_it(monkeypa
         fused = LeanDecode(model, pack=False)._fused_pieces(model)
     assert fused is not None and fused.splits == {"gate_up": 1, "down_proj": 1}
     assert "again without split-K" in caplog.text
+
+
+def test_unsplit_pieces_that_fail_to_compile_are_not_compiled_twice(monkeypatch):
+    """Where nothing was split (no GPU timing chose it) a failed compile is not retried."""
+    calls = []
+
+    def warm_up(self) -> float:
+        calls.append(dict(self.splits))
+        raise RuntimeError("no Triton here")
+
+    monkeypatch.setattr(FusedPieces, "warm_up", warm_up)
+    model = tiny_model()
+    assert LeanDecode(model, pack=False)._fused_pieces(model) is None
+    assert calls == [{"gate_up": 1, "down_proj": 1}]
