@@ -220,7 +220,9 @@ class LeanDecode:
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
         self.fused = self._fused_pieces(model) if self.graphs is not None else None
 
-    def _fused_pieces(self, model: torch.nn.Module, splits: dict | None = None):
+    def _fused_pieces(
+        self, model: torch.nn.Module, splits: dict | None = None
+    ) -> FusedPieces | None:
         """Compiled `FusedPieces` (split-K where timed faster; without it where that fails to
         compile), or None where compiling fails."""
         fused = None
