@@ -8,12 +8,13 @@ Usage:
 
 `--profile` (CUDA): the GPU kernels of ten one-row static steps, fused and plain, by total time.
 On CUDA, where the fused pieces split the MLP's projections (server/engine_splitk.py), the same
-pieces without splitting get a column of their own.
+pieces without splitting get a column of their own; each projection's timed splits are logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import sys
 import time
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--profile", action="store_true", help="CUDA: kernels of a step")
     args = parser.parse_args()
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("server.engine_splitk").setLevel(logging.INFO)  # each projection's timings
     device = torch.device(args.device)
     llm = on_own_thread(build_llm, args, threads=args.threads)
     bandwidth = on_own_thread(measure_bandwidth, device, threads=args.threads)

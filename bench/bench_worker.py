@@ -272,7 +272,11 @@ def main() -> None:
     if args.quick:
         single, ttft = res["single"], res["ttft"]
         print(f"\n{llm.name} on {args.device}, quick run")
-        print(f"single stream {single['rate']:.1f} tok/s; TTFT turn 1 {1e3 * ttft['reuse1']:.1f} "
+        print(
+            f"bandwidth {bandwidth / 1e9:.1f} GB/s, bound {bound:.1f} tok/s; single stream "
+            f"{single['rate']:.1f} tok/s ({100 * single['rate'] / bound:.0f}% of bound)"
+        )
+        print(f"TTFT turn 1 {1e3 * ttft['reuse1']:.1f} "
               f"ms, turn 10 reuse {1e3 * ttft['reuse10']:.1f} ms, full {1e3 * ttft['full1']:.1f}"
               f" / {1e3 * ttft['full10']:.1f} ms; first token sampled {1e3 * ttft['token1']:.1f}"
               f" / {1e3 * ttft['token10']:.1f} ms")  # fmt: skip
