@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from model.checkpoint import load_encoder, save_encoder
+from model.checkpoint import load_encoder, resolve_encoder_path, save_encoder
 from model.config import EncoderConfig, PromptConfig, encoder_preset
 from model.encoders import build_encoder
 from model.llm import LoadedLLM, load_llm
@@ -93,10 +93,11 @@ def alignment_loss(
 
 
 def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
-    """A fresh encoder from the recipe, or the one in `cfg.init` (e.g. CTC-pretrained); either
-    way the encoder's own policy decides what trains (a Whisper encoder keeps its frozen part)."""
+    """A fresh encoder from the recipe, or the one in `cfg.init` (a checkpoint directory, e.g.
+    CTC-pretrained, or "default": the shipped one); either way the encoder's own policy decides
+    what trains (a Whisper encoder keeps its frozen part)."""
     if cfg.init:
-        encoder, _, _ = load_encoder(cfg.init, llm.identity, device="cpu")
+        encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
         return encoder
     enc_cfg = encoder_preset(
         cfg.encoder_preset,
@@ -189,6 +190,12 @@ def align(
         train_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames
     )
     dev = AlignDataset(dev_utts, llm, cfg.max_response_tokens, cfg.max_audio_seconds, frames=frames)
+    if len(train) < cfg.batch_size * world:  # the loader drops the last partial batch
+        raise ValueError(
+            f"{len(train)} train utterances with responses make no full batch of "
+            f"{cfg.batch_size}{f' on each of {world} ranks' if world > 1 else ''}: lower "
+            "--batch-size or add speech"
+        )
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
     params = [p for p in encoder.parameters() if p.requires_grad]
     ctc = None

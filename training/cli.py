@@ -81,6 +81,7 @@ def add_respond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: rewrite the manifest")
     p.add_argument("--llm", default="default")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="the LLM's: float32, bfloat16 (CUDA's default)")
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32, help="prompts in flight (or per batch)")
@@ -104,6 +105,7 @@ def run_respond(args: argparse.Namespace) -> int:
         args.max_tokens,
         args.batch_size,
         args.engine,
+        args.dtype,
     )
     return 0
 
@@ -125,7 +127,11 @@ def _add_training_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
     p.add_argument("--workers", type=int, default=None, help="data loader workers")
     p.add_argument("--encoder-kind", choices=["whisper", "conformer"], default=None)
-    p.add_argument("--init", default=None, help="start from this encoder checkpoint")
+    p.add_argument(
+        "--init",
+        default=None,
+        help='start from this encoder checkpoint ("default": the shipped one)',
+    )
     p.add_argument(
         "--frame-cache", default=None, help="folder caching a frozen Whisper's outputs (whisper)"
     )

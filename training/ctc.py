@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.checkpoint import load_encoder, save_encoder
+from model.checkpoint import load_encoder, resolve_encoder_path, save_encoder
 from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import LoadedLLM, load_llm
@@ -157,7 +157,7 @@ def build_task_and_encoder(cfg: CTCConfig, llm: LoadedLLM, utts: list[Utterance]
         )
         return CharTask(), build_encoder(enc_cfg)
     if cfg.init:
-        encoder, _, _ = load_encoder(cfg.init, llm.identity, device="cpu")
+        encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
     else:
         enc_cfg = encoder_preset(
             cfg.encoder_preset,

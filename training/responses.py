@@ -192,13 +192,15 @@ def respond_manifest(
     max_new_tokens: int = MAX_RESPONSE_TOKENS,
     batch_size: int = BATCH_SIZE,
     engine: str = "worker",
+    dtype: str | None = None,
 ) -> Path:
-    """Add `"response"` to every line of a manifest (in place unless `out` is given)."""
+    """Add `"response"` to every line of a manifest (in place unless `out` is given). `dtype`:
+    the LLM's (default: bf16 on CUDA, float32 on CPU; model/llm.py)."""
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     manifest, out = Path(manifest), Path(out or manifest)
     utterances = read_manifest(manifest)
-    loaded = on_own_thread(load_llm, llm, device)  # its torch pool ends with the thread
+    loaded = on_own_thread(load_llm, llm, device, dtype)  # its torch pool ends with the thread
     cache_path = out.parent / CACHE_NAME
     texts = [u.text for u in utterances]
     answers = answer_texts(

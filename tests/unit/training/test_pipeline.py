@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from training.align import align
 from training.config import AlignConfig, CTCConfig, SynthConfig
@@ -248,3 +249,28 @@ def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp
     assert all(r["loss"] > r["ce"] for r in records)  # the CTC term is in the loss trained on
     with pytest.raises(ValueError, match="ctc_weight"):
         align(cfg.replace(steps=14, ctc_weight=0.0), manifests, tmp_path / "run")
+
+
+def test_align_with_fewer_utterances_than_a_batch_fails_clearly(
+    corpus: Path, tiny_llm_dir, tmp_path
+):
+    """Four train lines and a batch of eight: the loader (last partial batch dropped) would
+    yield nothing, and training would wait on it for ever."""
+    cfg = tiny_conformer_align(tiny_llm_dir, steps=2, batch_size=8)
+    with pytest.raises(ValueError, match="4 train utterances .* no full batch of 8"):
+        align(cfg, [corpus / "train.jsonl"], tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_init_default_starts_from_the_shipped_encoder(tmp_path):
+    """`init: default` (as `evaluate --encoder default`): the shipped checkpoint's weights."""
+    from model.checkpoint import SHIPPED_DIR, load_encoder
+    from model.llm import load_llm
+    from training.align import build_encoder_for
+
+    llm = load_llm("default")
+    encoder = build_encoder_for(AlignConfig(init="default"), llm)
+    shipped, _, _ = load_encoder(SHIPPED_DIR, llm)
+    got, expected = encoder.state_dict(), shipped.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k].cpu(), expected[k].cpu()) for k in expected)
