@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,12 +49,15 @@ def test_one_box_trains_a_loadable_encoder_from_sentences(tmp_path: Path):
     env = venv_env(
         WORK=str(tmp_path / "box"), SENTENCES=str(sentences), DEVICE="cpu", LIMIT="6",
         STEPS="2", BATCH="2", RESPOND_BATCH="6", WORKERS="2", PYTHON="python",
+        DEADLINE=str(int(time.time()) + 3600),
     )  # fmt: skip
     done = subprocess.run(
         ["bash", str(RECIPES / "one_box.sh")], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: encoder checkpoint" in done.stdout
+    minutes = float(done.stdout.split("align for at most ")[1].split()[0])  # the deadline's cap
+    assert 55 < minutes < 60
     utts = read_manifest(tmp_path / "box" / "speech" / "train.jsonl")
     assert len(utts) == len(SENTENCES) and all(u.response for u in utts)
     assert {u.voice.split(":")[0] for u in utts} <= {"espeak", "flite"}

@@ -6,12 +6,20 @@
 #
 #   SENTENCES=data/corpus/sentences.jsonl WORK=runs/box DEVICE=cuda training/recipes/one_box.sh
 #
-# Knobs (environment): SENTENCES (from `speechchat corpus`; built with the recipe if absent),
-# WORK (output folder), RECIPE, DEVICE (cuda or cpu), LIMIT (sentences to render), STEPS, BATCH
-# and MINUTES (alignment's step count, batch and wall-clock cap), RESPOND_BATCH, WORKERS (synthesis
-# processes), RESPOND_DTYPE (the answering LLM's: float32 to match answers scored on a CPU),
-# SPEECHCHAT (the command, e.g. "python3 -m model.cli" where nothing is installed),
-# PYTHON (one with PyYAML, to read the recipe's LLM).
+# Knobs (environment):
+#   SENTENCES      the sentence set (from `speechchat corpus`; built with the recipe if absent)
+#   WORK, RECIPE   output folder; recipe file
+#   DEVICE         cuda or cpu
+#   LIMIT          sentences to render
+#   STEPS, BATCH   alignment's step count and batch (default: the recipe's)
+#   MINUTES        alignment's wall-clock cap
+#   DEADLINE       seconds since the epoch by which alignment has stopped (caps MINUTES, for a
+#                  machine lent for a fixed time)
+#   RESPOND_BATCH  answers in flight; RESPOND_DTYPE: the answering LLM's (float32 matches
+#                  answers scored on a CPU)
+#   WORKERS        synthesis processes
+#   SPEECHCHAT     the command ("python3 -m model.cli" where nothing is installed)
+#   PYTHON         an interpreter with PyYAML, to read the recipe's LLM
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 : "${WORK:=runs/one_box}" "${RECIPE:=$here/fast.yaml}" "${DEVICE:=cuda}" "${LIMIT:=20000}"
@@ -41,7 +49,11 @@ for split in train dev; do
       --engine "$engine" --batch-size "$RESPOND_BATCH" ${RESPOND_DTYPE:+--dtype "$RESPOND_DTYPE"}
   fi
 done
-say "align"
+if [ -n "${DEADLINE:-}" ]; then  # leave 30 s after alignment's last checkpoint
+  left=$(awk -v d="$DEADLINE" -v now="$(date +%s)" 'BEGIN {printf "%.2f", (d - now - 30) / 60}')
+  MINUTES=$(awk -v a="$left" -v b="${MINUTES:-$left}" 'BEGIN {print (a < b ? a : b)}')
+fi
+say "align${MINUTES:+ for at most $MINUTES min}"
 manifests=(--manifest "$WORK/speech/train.jsonl")
 [ -s "$WORK/speech/dev.jsonl" ] && manifests+=(--manifest "$WORK/speech/dev.jsonl")
 "${sc[@]}" align "${manifests[@]}" --recipe "$RECIPE" --out "$WORK/align" --device "$DEVICE" \
