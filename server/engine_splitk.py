@@ -12,7 +12,8 @@ gets is timed on the device when the pieces are built (`pick_split`).
 Measured on an H100 (`bench/bench_step.py --profile`, two runs): timing picks split 2 for
 gate/up (69.1 vs 69.5 us alone) and 1 for down (36.1 vs 42.3-45.5); cuBLAS then runs gate/up
 on its 128x8 kernel, 2.06 against 2.18 ms a step, and the graphed one-row step takes 6.16-6.20
-against 6.22-6.24 ms unsplit: 0.6%. A Triton GEMV (whole weight rows per program in pipelined
+against 6.22-6.24 ms unsplit: 0.6% (16 rows: 7.26-7.28 against 7.13-7.26, so batches keep the
+plain GEMM). A Triton GEMV (whole weight rows per program in pipelined
 strips, block shape autotuned) was slower than cuBLAS on all four projections (qkv 51 vs 39 us,
 o 81 vs 18, gate/up 80 vs 70, down 54 vs 36) and was not kept.
 
@@ -52,8 +53,9 @@ def _(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
 def project(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, split: int
 ) -> torch.Tensor:
-    """x [B, D_in] -> x W^T + b [B, D_out], in `split` slices when split > 1."""
-    if split == 1:
+    """x [B, D_in] -> x W^T + b [B, D_out], in `split` slices when split > 1 and one row is
+    projected (the split was timed for one row; the step's row count is static per graph)."""
+    if split == 1 or x.shape[0] != 1:
         return F.linear(x, weight, bias)
     y = split_k_linear(x, weight, split).sum(0)  # [B, D_out]
     return y if bias is None else y + bias

@@ -77,7 +77,7 @@ def test_offline_bundle_runs_the_speech_engines_from_itself(tmp_path: Path):
         ["bash", str(RECIPES / "offline_pack.sh")], env=env, capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    parts = sorted(out.glob("bundle.tar.part-*"))
+    parts = sorted(out.glob("bundle.tgz.part-*"))
     assert len(parts) > 1 and all(p.stat().st_size <= 40 << 20 for p in parts)
     box = tmp_path / "box"
     script = (

@@ -8,7 +8,7 @@
 #   SENTENCES=data/corpus/sentences.jsonl WHEELS=wheels/ OUT=bundle PART_MB=50 \
 #     training/recipes/offline_pack.sh
 #
-# OUT gets bundle.tar, or with PART_MB, parts of at most that many MB (bundle.tar.part-aa, ...)
+# OUT gets bundle.tgz, or with PART_MB, parts of at most that many MB (bundle.tgz.part-aa, ...)
 # for transports with a size limit; offline_env.sh joins them.
 set -euo pipefail
 : "${OUT:=bundle}" "${PYTHON:=.venv/bin/python}"
@@ -38,11 +38,11 @@ rm -rf "$stage"/models/*/__pycache__
 [ -n "${WHEELS:-}" ] && cp "$WHEELS"/*.whl "$stage/wheels/"
 cp "$SENTENCES" "$stage/sentences.${SENTENCES##*.}"  # .jsonl from `corpus`, or .txt
 
-rm -f "$OUT"/bundle.tar "$OUT"/bundle.tar.part-*
+rm -f "$OUT"/bundle.tgz "$OUT"/bundle.tgz.part-*
 if [ -n "${PART_MB:-}" ]; then
-  tar -C "$stage" -cf - . | split -b "${PART_MB}M" - "$OUT/bundle.tar.part-"
+  tar -C "$stage" -czf - . | split -b "${PART_MB}M" - "$OUT/bundle.tgz.part-"
 else
-  tar -C "$stage" -cf "$OUT/bundle.tar" .
+  tar -C "$stage" -czf "$OUT/bundle.tgz" .
 fi
 du -sh "$stage"/* | sed 's|'"$stage"'/||'
 ls -l "$OUT"
