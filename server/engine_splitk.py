@@ -13,9 +13,9 @@ Measured on an H100 (`bench/bench_step.py --profile`, two runs): timing picks sp
 gate/up (69.1 vs 69.5 us alone) and 1 for down (36.1 vs 42.3-45.5); cuBLAS then runs gate/up
 on its 128x8 kernel, 2.06 against 2.18 ms a step, and the graphed one-row step takes 6.16-6.20
 against 6.22-6.24 ms unsplit: 0.6% (16 rows: 7.26-7.28 against 7.13-7.26, so batches keep the
-plain GEMM). A Triton GEMV (whole weight rows per program in pipelined
-strips, block shape autotuned) was slower than cuBLAS on all four projections (qkv 51 vs 39 us,
-o 81 vs 18, gate/up 80 vs 70, down 54 vs 36) and was not kept.
+plain GEMM). A Triton GEMV (whole weight rows per program in pipelined strips, block shape
+autotuned) was slower than cuBLAS on all four projections (qkv 51 vs 39 us, o 81 vs 18, gate/up
+80 vs 70, down 54 vs 36) and was not kept.
 
 Dims: S splits, B rows, D_in input width, D_out output width.
 """

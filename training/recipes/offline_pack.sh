@@ -8,8 +8,8 @@
 #   SENTENCES=data/corpus/sentences.jsonl WHEELS=wheels/ OUT=bundle PART_MB=50 \
 #     training/recipes/offline_pack.sh
 #
-# OUT gets bundle.tgz, or with PART_MB, parts of at most that many MB (bundle.tgz.part-aa, ...)
-# for transports with a size limit; offline_env.sh joins them.
+# OUT gets bundle.tgz, or with PART_MB, parts of at most that many MiB (bundle.tgz.part-aa,
+# ...) for transports with a size limit; offline_env.sh joins them.
 set -euo pipefail
 : "${OUT:=bundle}" "${PYTHON:=.venv/bin/python}"
 [ -f "${SENTENCES:?set SENTENCES to the sentence set}" ]
