@@ -44,7 +44,7 @@ for split in train dev; do
   if [ -s "$WORK/speech/$split.jsonl" ]; then
     say "respond: $split"
     engine=worker
-    [ "$DEVICE" = cuda ] && engine=generate  # padded batches of $RESPOND_BATCH on a GPU
+    [[ $DEVICE == cuda* ]] && engine=generate  # padded batches of $RESPOND_BATCH on a GPU
     "${sc[@]}" respond "$WORK/speech/$split.jsonl" --llm "$llm" --device "$DEVICE" \
       --engine "$engine" --batch-size "$RESPOND_BATCH" ${RESPOND_DTYPE:+--dtype "$RESPOND_DTYPE"}
   fi
