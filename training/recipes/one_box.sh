@@ -19,7 +19,7 @@
 #                  answers scored on a CPU)
 #   WORKERS        synthesis processes
 #   SPEECHCHAT     the command ("python3 -m model.cli" where nothing is installed)
-#   PYTHON         an interpreter with PyYAML, to read the recipe's LLM
+#   PYTHON         an interpreter that imports this project, to read the recipe's LLM
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 : "${WORK:=runs/one_box}" "${RECIPE:=$here/fast.yaml}" "${DEVICE:=cuda}" "${LIMIT:=20000}"
@@ -27,9 +27,10 @@ here=$(cd "$(dirname "$0")" && pwd)
 : "${SPEECHCHAT:=speechchat}"
 : "${PYTHON:=python3}"
 read -r -a sc <<<"$SPEECHCHAT"
-# the LLM that answers is the one the encoder is aligned to: the recipe's align.llm
-llm=$("$PYTHON" -c 'import sys, yaml
-print(((yaml.safe_load(open(sys.argv[1])) or {}).get("align") or {}).get("llm", "default"))' "$RECIPE")
+# the LLM that answers is the one the encoder is aligned to, read as `align` reads it
+llm=$("$PYTHON" -c 'import sys
+from training.config import AlignConfig, load_step_config
+print(load_step_config(AlignConfig, "align", sys.argv[1]).llm)' "$RECIPE")
 started=$SECONDS
 say() { echo "[one_box $((SECONDS - started)) s] $*"; }
 
