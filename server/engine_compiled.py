@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from server import cpu_attention
 from server.engine_batch import Arena
 from server.engine_decode import grouped_attention
 
@@ -143,12 +144,20 @@ class CompiledRowStep:
         norm_in, qkv, *_ = self.layers[0]
         q, k, v = self._first(x, norm_in, qkv, cos, sin)
         last = len(self.layers) - 1
+        where = (torch.tensor([row]), torch.tensor([position])) if lean.attention_kernel else None
         for i, (_, _, o_proj, norm_post, gate_up, down) in enumerate(self.layers):
-            kv = arena.data[i]  # [2, R, Hkv, C, Dh]
-            kv[0, row, :, position] = k[0, :, 0]  # [Hkv, Dh]
-            kv[1, row, :, position] = v[0, :, 0]
-            keys, values = kv[:, row : row + 1, :, : position + 1]  # [1, Hkv, K, Dh] each
-            att = self._attend(q, keys, values, lean.layers[i].scaling).reshape(1, -1)  # [1, H Dh]
+            scale = lean.layers[i].scaling
+            if where is not None:  # K/V write and attention in one call (server/cpu_attention.py)
+                att = cpu_attention.decode_attention(
+                    lean.attention_kernel, arena.data[i], q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                    *where, scale,
+                ).view(1, -1)  # [1, H Dh]  # fmt: skip
+            else:
+                kv = arena.data[i]  # [2, R, Hkv, C, Dh]
+                kv[0, row, :, position] = k[0, :, 0]  # [Hkv, Dh]
+                kv[1, row, :, position] = v[0, :, 0]
+                keys, values = kv[:, row : row + 1, :, : position + 1]  # [1, Hkv, K, Dh] each
+                att = self._attend(q, keys, values, scale).reshape(1, -1)  # [1, H Dh]
             if i == last:
                 return self._last(x, att, o_proj, norm_post, gate_up, down, *self.final)
             norm_in, qkv, *_ = self.layers[i + 1]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from server import cpu_attention
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
 from server.engine_decode import (
@@ -217,6 +218,8 @@ class LeanDecode:
             copy if self.packed else "",
         )  # fmt: skip
         self.row_step = self._compiled_row_step(model) if compile_row else None
+        # several rows' attention through the C++ kernel (server/cpu_attention.py)
+        self.attention_kernel = self._attention_kernel(model) if compile_row else None
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
         self.fused = self._fused_pieces(model) if self.graphs is not None else None
 
@@ -248,6 +251,13 @@ class LeanDecode:
             return None
         return row_step
 
+    def _attention_kernel(self, model: torch.nn.Module):
+        if not cpu_attention.kernel_supports(
+            model.dtype, self.heads, self.kv_heads, self.head_dim
+        ):
+            return None
+        return cpu_attention.load_kernel()
+
     @staticmethod
     def _layer(layer: torch.nn.Module, pack: bool, transposed: bool) -> LeanLayer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -276,6 +286,8 @@ class LeanDecode:
         pos = torch.tensor(positions, device=device)  # [B]
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
+        if self.attention_kernel is not None:
+            return self._kernel_step(arena, lo, hi, x, pos, cos, sin)
         bias = make_decode_bias(positions, x.dtype, device)  # [B, 1, 1, K] or None
         row, col = (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
         k_len = max(positions) + 1
@@ -293,6 +305,22 @@ class LeanDecode:
             else:
                 out = grouped_attention(q, keys, values, bias, layer.scaling)  # [B, H, 1, Dh]
             return layer.o_proj(out.reshape(rows, -1))  # [B, D]
+
+        return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
+
+    def _kernel_step(
+        self, arena: Arena, lo: int, hi: int, x: torch.Tensor, pos: torch.Tensor, cos, sin
+    ) -> torch.Tensor:
+        """`step` for rows [lo, hi) on CPU with attention and K/V writes in the C++ kernel."""
+        rows = torch.arange(lo, hi)  # [B]
+
+        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
+            q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
+            out = cpu_attention.decode_attention(
+                self.attention_kernel, arena.data[index], q[:, :, 0], k[:, :, 0], v[:, :, 0],
+                rows, pos, layer.scaling,
+            )  # [B, H, Dh]  # fmt: skip
+            return layer.o_proj(out.view(hi - lo, -1))  # [B, D]
 
         return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from server import engine_compiled
+from server import cpu_attention, engine_compiled
 from server.engine_batch import ARENA_GROW, Arena, PackedPrefill
 from server.engine_compiled import CompiledRowStep
 from server.engine_lean import PACK_PAD, DecodeLinear, LeanDecode, lean_support
@@ -41,12 +41,17 @@ def test_fused_weights_are_views_and_outputs_stay():
 )
 @pytest.mark.parametrize("pack", [True, False], ids=["onednn-packed", "fused-in-place"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_step_over_rows_of_different_lengths_equals_forward(overrides, pack, dtype):
+@pytest.mark.parametrize("kernel", [False, True], ids=["matmuls", "cpu-kernel"])
+def test_step_over_rows_of_different_lengths_equals_forward(overrides, pack, dtype, kernel):
     model = tiny_model(**overrides).to(dtype)
     seqs = [torch.randint(0, VOCAB, (n,)) for n in LENGTHS]
     expected = torch.stack([model(s[None]).logits[0, -1] for s in seqs])  # [3, V]
     lean = LeanDecode(model, pack=pack)
-    assert lean.packed == pack
+    assert lean.packed == pack and lean.attention_kernel is None  # only the compiled step's
+    if kernel:  # rows' attention and K/V writes in server/cpu_attention.py's kernel
+        lean.attention_kernel = cpu_attention.load_kernel()
+        if lean.attention_kernel is None:
+            pytest.skip("the C++ kernel did not build here")
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
     assert arena.ensure(len(seqs), max(LENGTHS))
     with torch.inference_mode():
@@ -125,13 +130,14 @@ def test_an_idle_arena_shrinks_to_the_next_request():
     ids=["gqa", "mha-biases"],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "sdpa"])
 def test_compiled_one_row_step_equals_forward_without_recompiling(
-    overrides, dtype, caplog, monkeypatch
+    overrides, dtype, kernel, caplog, monkeypatch
 ):
     """Steps of one row at growing positions through the compiled pieces: the forward's logits
     at every position, and no graph compiled after the warm-up (weights are inputs, so one
-    graph serves every layer and every position); bf16 attends through SDPA for its first four
-    positions, then through batched matmuls."""
+    graph serves every layer and every position). Attention through the C++ kernel, or without
+    it: SDPA, in bf16 for the first four positions only, then batched matmuls."""
     monkeypatch.setattr(engine_compiled, "BF16_MATMUL_KEYS", 4)
     model = tiny_model(**overrides).to(dtype)
     seq = torch.randint(0, VOCAB, (9,))
@@ -139,6 +145,11 @@ def test_compiled_one_row_step_equals_forward_without_recompiling(
     with caplog.at_level("WARNING"):
         lean = LeanDecode(model, compiled=True)
     assert lean.row_step is not None, caplog.text
+    assert (lean.attention_kernel is not None) == (cpu_attention.load_kernel() is not None)
+    if not kernel:
+        lean.attention_kernel = None
+    elif lean.attention_kernel is None:
+        pytest.skip("the C++ kernel did not build here")
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=2)
     assert arena.ensure(2, len(seq))
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

@@ -1,0 +1,102 @@
+"""CPU decode attention for several rows at once, as one C++ kernel over the K/V arena.
+
+Own kernel because neither SDPA's CPU kernels (tiled for long queries) nor batched matmuls fit
+a decode step's one query per row over the arena: the matmuls copy each row's key block out of
+the arena (bf16) and softmax, bias and the K/V writes are ops of their own (SmolLM2, 2 cores, 16
+rows at 140 keys: ~120 us a layer here against 185-440 us). Built once per machine with
+torch's C++ extension loader (g++ and ninja; ~30 s, then from torch's extension cache); where
+that fails the engine keeps the batched matmuls (`server/engine_decode.grouped_attention`).
+
+Dims: B rows, H query heads, Hkv key/value heads, R arena rows, C arena columns, Dh head width.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+DTYPES = (torch.float32, torch.bfloat16)
+# compiler flags per ATen CPU capability: the kernel's vector types follow CPU_CAPABILITY
+CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "DEFAULT": [],
+}
+VECTOR_FLOATS = {"AVX512": 16, "AVX2": 8, "DEFAULT": 8}  # float lanes of at::vec::Vectorized
+MAX_CHUNKS = 32  # Dh / lanes at most (kMaxChunks in the source)
+
+
+def capability() -> str:
+    """The ATen CPU capability the kernel is built for (others build the scalar fallback)."""
+    found = torch.backends.cpu.get_cpu_capability()
+    return found if found in CAPABILITY_FLAGS else "DEFAULT"
+
+
+@functools.cache
+def load_kernel():
+    """The built extension module (its `decode_attention`), or None where building fails."""
+    from torch.utils.cpp_extension import load_inline
+
+    cap = capability()
+    start = time.perf_counter()
+    put_ninja_on_path()
+    try:
+        module = load_inline(
+            name=f"speechchat_decode_attention_{cap.lower()}",
+            cpp_sources=SOURCE.read_text(),
+            functions=["decode_attention"],
+            extra_cflags=["-O3", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+            + CAPABILITY_FLAGS[cap],
+        )
+    except Exception as exc:  # no compiler or ninja, a failed build: the matmuls still work
+        log.warning("CPU decode attention kernel unavailable, using batched matmuls: %r", exc)
+        return None
+    log.info("CPU decode attention kernel (%s) ready in %.1f s", cap, time.perf_counter() - start)
+    return module
+
+
+def put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; a server started as .venv/bin/speechchat has the venv's
+    ninja (the `ninja` package) without the venv on PATH."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def kernel_supports(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the kernel handles this dtype and attention shape."""
+    lanes = VECTOR_FLOATS[capability()]
+    return (
+        dtype in DTYPES
+        and heads % kv_heads == 0
+        and head_dim % lanes == 0
+        and head_dim // lanes <= MAX_CHUNKS
+    )
+
+
+def decode_attention(
+    module,
+    kv: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Write k/v [B, Hkv, Dh] into kv [2, R, Hkv, C, Dh] at (rows[b], positions[b]), then attend
+    q [B, H, Dh] over each row's columns 0..positions[b] -> [B, H, Dh]."""
+    return module.decode_attention(kv, q, k, v, rows, positions, scale)

@@ -1,0 +1,131 @@
+// One decode step's attention over the engine's K/V arena on CPU: each row writes its new key
+// and value at its position, then its query heads attend over that row's keys 0..position.
+// Softmax in float32; loads and sums in ATen's vector types (AVX-512 / AVX2 / scalar, as built).
+//
+// Dims: B rows, H query heads, Hkv key/value heads, G = H / Hkv, C arena columns, Dh head width.
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/extension.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kMaxChunks = 32;  // Dh / Vec::size() at most
+
+inline Vec load(const float* p) { return Vec::loadu(p); }
+inline Vec load(const c10::BFloat16* p) {
+  Vec v;
+  at::vec::load_to_float(p, v);
+  return v;
+}
+
+struct Strides {
+  int64_t b, h;  // elements between rows / heads of a [B, heads, Dh] input
+};
+
+template <typename T>
+void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::Tensor& k_new,
+                 const torch::Tensor& v_new, const int64_t* rows, const int64_t* positions,
+                 float scale, torch::Tensor& out) {
+  constexpr int64_t VS = Vec::size();
+  const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = kv.size(2), G = H / Hkv;
+  const int64_t chunks = Dh / VS;
+  const int64_t half = kv.stride(0), s_row = kv.stride(1), s_head = kv.stride(2), s_col = kv.stride(3);
+  const Strides sq{q.stride(0), q.stride(1)}, sk{k_new.stride(0), k_new.stride(1)},
+      sv{v_new.stride(0), v_new.stride(1)};
+  T* arena = kv.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_new.data_ptr<T>();
+  const T* vp = v_new.data_ptr<T>();
+  T* op = out.data_ptr<T>();  // [B, H, Dh] contiguous
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * Dh), acc(G * Dh), scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / Hkv, h = i % Hkv, pos = positions[b], keys = pos + 1;
+      T* K = arena + rows[b] * s_row + h * s_head;  // [C, Dh] at s_col
+      T* V = K + half;
+      std::memcpy(K + pos * s_col, kp + b * sk.b + h * sk.h, Dh * sizeof(T));
+      std::memcpy(V + pos * s_col, vp + b * sv.b + h * sv.h, Dh * sizeof(T));
+      for (int64_t g = 0; g < G; ++g) {
+        const T* qg = qp + b * sq.b + (h * G + g) * sq.h;
+        for (int64_t c = 0; c < chunks; ++c)
+          (load(qg + c * VS) * Vec(scale)).store(qf.data() + g * Dh + c * VS);
+      }
+      scores.resize(G * keys);  // [G, keys]
+      Vec kc[kMaxChunks];
+      for (int64_t k = 0; k < keys; ++k) {
+        const T* kr = K + k * s_col;
+        for (int64_t c = 0; c < chunks; ++c) kc[c] = load(kr + c * VS);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = qf.data() + g * Dh;
+          Vec a = Vec::loadu(qg) * kc[0];
+          for (int64_t c = 1; c < chunks; ++c) a = at::vec::fmadd(Vec::loadu(qg + c * VS), kc[c], a);
+          scores[g * keys + k] = a.reduce_add();
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = scores.data() + g * keys;
+        const float top = at::vec::reduce_all<float>(
+            [](Vec x, Vec y) { return at::vec::maximum(x, y); }, s, keys);
+        at::vec::map([top](Vec x) { return (x - Vec(top)).exp_u20(); }, s, s, keys);
+        const float inv = 1.f / at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, s, keys);
+        at::vec::map([inv](Vec x) { return x * Vec(inv); }, s, s, keys);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < keys; ++k) {
+        const T* vr = V + k * s_col;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const Vec v = load(vr + c * VS);
+          for (int64_t g = 0; g < G; ++g) {
+            float* a = acc.data() + g * Dh + c * VS;
+            at::vec::fmadd(Vec(scores[g * keys + k]), v, Vec::loadu(a)).store(a);
+          }
+        }
+      }
+      T* o = op + (b * H + h * G) * Dh;
+      for (int64_t j = 0; j < G * Dh; ++j) o[j] = static_cast<T>(acc[j]);
+    }
+  });
+}
+
+}  // namespace
+
+// kv [2, R, Hkv, C, Dh]; q [B, H, Dh]; k_new, v_new [B, Hkv, Dh] (innermost dim contiguous);
+// rows, positions [B] int64 -> out [B, H, Dh]. Writes k_new/v_new into kv first.
+torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor k_new,
+                               torch::Tensor v_new, torch::Tensor rows, torch::Tensor positions,
+                               double scale) {
+  const int64_t Dh = q.size(2);
+  TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.size(4) == Dh, "kv must be [2, R, Hkv, C, Dh]");
+  TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "q/k/v must be [B, heads, Dh]");
+  TORCH_CHECK(kv.stride(4) == 1 && q.stride(2) == 1 && k_new.stride(2) == 1 && v_new.stride(2) == 1,
+              "head dims must be contiguous");
+  TORCH_CHECK(q.scalar_type() == kv.scalar_type() && k_new.scalar_type() == kv.scalar_type() &&
+                  v_new.scalar_type() == kv.scalar_type(),
+              "q, k, v and kv must share a dtype");
+  TORCH_CHECK(Dh % Vec::size() == 0 && Dh / Vec::size() <= kMaxChunks, "unsupported head width");
+  TORCH_CHECK(q.size(1) % kv.size(2) == 0, "query heads must be a multiple of K/V heads");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  rows.is_contiguous() && positions.is_contiguous() && rows.numel() == q.size(0) &&
+                  positions.numel() == q.size(0),
+              "rows and positions must be contiguous int64 [B]");
+  auto out = torch::empty({q.size(0), q.size(1), Dh}, q.options());
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < q.size(0); ++b)
+    TORCH_CHECK(r[b] >= 0 && r[b] < kv.size(1) && p[b] >= 0 && p[b] < kv.size(3),
+                "row or position outside the arena");
+  const float s = static_cast<float>(scale);
+  if (q.scalar_type() == at::kBFloat16)
+    attend_rows<c10::BFloat16>(kv, q, k_new, v_new, r, p, s, out);
+  else if (q.scalar_type() == at::kFloat)
+    attend_rows<float>(kv, q, k_new, v_new, r, p, s, out);
+  else
+    TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
+  return out;
+}

@@ -1,0 +1,108 @@
+"""The CPU decode-attention kernel: it writes each row's new key and value where the batched
+matmuls' step would, attends as float32 attention over the same keys does (fp32 and bf16, with
+and without grouped heads, rows out of order at different positions), and refuses bad input
+with an error instead of reading outside the arena."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server import cpu_attention
+from server.engine_decode import grouped_attention, position_bias
+
+ROWS, COLUMNS = 5, 48  # arena rows and columns
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_attention.load_kernel()
+    if module is None:
+        pytest.skip("the C++ kernel did not build here (see the warning)")
+    return module
+
+
+def reference(arena, q, k, v, rows, positions, scale):
+    """The same step in float32 ops: write k/v, then masked attention per row."""
+    arena = arena.clone()
+    arena[0, rows, :, positions] = k
+    arena[1, rows, :, positions] = v
+    keys = arena[0, rows].float()  # [B, Hkv, C, Dh]
+    values = arena[1, rows].float()
+    bias = position_bias(positions, arena.shape[3], torch.float32)  # [B, 1, 1, C]
+    out = grouped_attention(q.float()[:, :, None], keys, values, bias, scale)  # [B, H, 1, Dh]
+    return arena, out[:, :, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (4, 4, 128)])
+def test_kernel_matches_float32_attention(kernel, dtype, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(0)
+    arena = torch.randn(2, ROWS, kv_heads, COLUMNS, head_dim, generator=gen).to(dtype)
+    rows = torch.tensor([3, 0, 4])  # out of order, row 1 and 2 left alone
+    positions = torch.tensor([0, 17, 47])  # one key, some, the arena's last column
+    q = (3 * torch.randn(3, heads, head_dim, generator=gen)).to(dtype)
+    k = torch.randn(3, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(3, kv_heads, head_dim, generator=gen).to(dtype)
+    expected_arena, expected = reference(arena, q, k, v, rows, positions, 0.3)
+    got = cpu_attention.decode_attention(kernel, arena, q, k, v, rows, positions, 0.3)
+    assert got.shape == (3, heads, head_dim) and got.dtype == dtype
+    assert torch.equal(arena, expected_arena)  # the new K/V landed, nothing else moved
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's rounding
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+
+
+def test_kernel_reads_strided_queries(kernel):
+    """q/k/v as the step has them: head-strided views of one projection output."""
+    gen = torch.Generator().manual_seed(1)
+    arena = torch.randn(2, ROWS, 2, COLUMNS, 16, generator=gen)
+    qkv = torch.randn(2, 8 * 16, generator=gen).view(2, 8, 16)  # [B, H + 2 Hkv, Dh]
+    q, k, v = qkv.split([4, 2, 2], dim=1)  # views, not contiguous as a whole
+    rows, positions = torch.tensor([1, 2]), torch.tensor([5, 9])
+    expected_arena, expected = reference(arena, q, k, v, rows, positions, 0.25)
+    got = cpu_attention.decode_attention(kernel, arena, q, k, v, rows, positions, 0.25)
+    assert torch.equal(arena, expected_arena)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(positions=torch.tensor([COLUMNS])), "outside the arena"),
+        (dict(rows=torch.tensor([ROWS])), "outside the arena"),
+        (dict(rows=torch.tensor([0], dtype=torch.int32)), "int64"),
+        (dict(q=torch.zeros(1, 3, 16)), "multiple of K/V heads"),
+        (dict(k=torch.zeros(1, 2, 16, dtype=torch.bfloat16)), "share a dtype"),
+    ],
+)
+def test_kernel_refuses_bad_input(kernel, change, message):
+    args = dict(
+        kv=torch.zeros(2, ROWS, 2, COLUMNS, 16), q=torch.zeros(1, 4, 16), k=torch.zeros(1, 2, 16),
+        v=torch.zeros(1, 2, 16), rows=torch.tensor([0]), positions=torch.tensor([3]),
+    )  # fmt: skip
+    args |= change
+    with pytest.raises(RuntimeError, match=message):
+        cpu_attention.decode_attention(kernel, *args.values(), 0.25)
+
+
+def test_kernel_support_by_shape():
+    lanes = cpu_attention.VECTOR_FLOATS[cpu_attention.capability()]
+    assert cpu_attention.kernel_supports(torch.float32, 32, 32, 128)  # Llama-2-7B
+    assert cpu_attention.kernel_supports(torch.bfloat16, 9, 3, 64)  # SmolLM2-135M
+    assert not cpu_attention.kernel_supports(torch.float16, 9, 3, 64)
+    assert not cpu_attention.kernel_supports(torch.float32, 8, 3, 64)
+    assert not cpu_attention.kernel_supports(torch.float32, 4, 2, lanes + 1)
+
+
+def test_a_failing_build_leaves_the_matmuls(monkeypatch, caplog):
+    def refuse(**kwargs):
+        raise RuntimeError("ninja is required to load C++ extensions")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", refuse)
+    cpu_attention.load_kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert cpu_attention.load_kernel() is None
+    finally:
+        cpu_attention.load_kernel.cache_clear()  # later callers build (or load) the real one
+    assert "using batched matmuls" in caplog.text and "ninja" in caplog.text
