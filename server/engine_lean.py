@@ -10,8 +10,9 @@ several rows (a batched step, a prefill chunk) read a second copy of the weights
 packed layout (`torch.ops.mkldnn`, the kernels inductor's CPU freezing pass uses): measured on
 SmolLM2, 2 cores, all 121 projections take 31 ms for 4 rows and 60 for 16, against 83 and 82 ms
 through `F.linear`, and 46 vs 62 ms for a 128-token chunk (per 10 layers); models over
-`PACK_MAX_BYTES` skip the copy. Used for Llama-architecture models only (`lean_support` says why
-another is refused); others keep the HF forward.
+`PACK_MAX_BYTES` skip the copy. With `compiled`, CPU decode steps attend (and write their K/V)
+through the C++ kernel of server/cpu_attention.py where it builds. Used for Llama-architecture
+models only (`lean_support` says why another is refused); others keep the HF forward.
 
 Dims: B decoding rows, N prefill tokens (all segments), H query heads, Hkv key/value heads,
 G query heads per K/V head, K key positions, Dh head width, D LLM width, I MLP width,
@@ -251,10 +252,9 @@ class LeanDecode:
             return None
         return row_step
 
-    def _attention_kernel(self, model: torch.nn.Module):
-        if not cpu_attention.kernel_supports(
-            model.dtype, self.heads, self.kv_heads, self.head_dim
-        ):
+    def _attention_kernel(self, model: torch.nn.Module) -> object | None:
+        """The built C++ attention kernel's module for this model, or None."""
+        if not cpu_attention.kernel_supports(model.dtype, self.heads, self.kv_heads, self.head_dim):
             return None
         return cpu_attention.load_kernel()
 
@@ -309,7 +309,14 @@ class LeanDecode:
         return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
 
     def _kernel_step(
-        self, arena: Arena, lo: int, hi: int, x: torch.Tensor, pos: torch.Tensor, cos, sin
+        self,
+        arena: Arena,
+        lo: int,
+        hi: int,
+        x: torch.Tensor,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
     ) -> torch.Tensor:
         """`step` for rows [lo, hi) on CPU with attention and K/V writes in the C++ kernel."""
         rows = torch.arange(lo, hi)  # [B]

@@ -196,6 +196,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--two-turn", type=int, default=16, help="two-turn conversations per case")
+    p.add_argument("--dtype", default=None, help="the LLM's: float32, bfloat16 (CUDA's default)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -211,6 +212,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.limit,
         args.device,
         args.two_turn,
+        args.dtype,
     )
     return 0
 

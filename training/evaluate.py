@@ -150,11 +150,14 @@ def evaluate(
     limit: int | None = None,
     device: str = "cpu",
     two_turn_pairs: int = TWO_TURN_PAIRS,
+    dtype: str | None = None,
 ) -> dict[str, float]:
-    """Score `manifest` (one split), write `report.md` and plots into `out`, return the summary."""
+    """Score `manifest` (one split), write `report.md` and plots into `out`, return the summary.
+    `dtype`: the LLM's (None: the loader's choice for the device), e.g. to score an encoder
+    against the bf16 LLM a server would run."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_llm(llm, device=device)
+    loaded = load_llm(llm, device=device, dtype=dtype)
     enc, prompt, training = load_encoder(resolve_encoder_path(encoder), loaded)
     model = SpeechLLM(loaded, enc, prompt)
     asr = WhisperASR.from_source("default", device=device)

@@ -16,7 +16,7 @@ from model.llm import LoadedLLM, load_llm
 from model.messages import AudioPart, TextPart, Turn
 from model.prompt import render_prompt, text_only_ids
 from model.speech_llm import SpeechLLM
-from server import engine_forward
+from server import cpu_attention, engine_forward
 from server.protocol import Finished, GenerateRequest, TextDelta, Usage
 from server.worker import Worker
 from tests.tiny import tiny_llama_config
@@ -106,6 +106,8 @@ def test_eight_batched_sessions_of_different_lengths_equal_generate(varied, deco
     lean = eight_batched_sessions_equal_generate(varied, decode_step=decode_step).engine.lean
     assert (lean is not None) == (decode_step != "hf")
     assert (lean is not None and lean.row_step is not None) == (decode_step == "compiled")
+    kernel = decode_step == "compiled" and cpu_attention.load_kernel() is not None
+    assert (lean is not None and lean.attention_kernel is not None) == kernel
 
 
 def eight_batched_sessions_equal_generate(speech_llm: SpeechLLM, **worker_args) -> Worker:
