@@ -144,14 +144,14 @@ class CompiledRowStep:
         norm_in, qkv, *_ = self.layers[0]
         q, k, v = self._first(x, norm_in, qkv, cos, sin)
         last = len(self.layers) - 1
-        where = (torch.tensor([row]), torch.tensor([position])) if lean.attention_kernel else None
+        kernel = lean.attention_kernel
+        where = (torch.tensor([row]), torch.tensor([position]))  # [1] each
         for i, (_, _, o_proj, norm_post, gate_up, down) in enumerate(self.layers):
             scale = lean.layers[i].scaling
-            if where is not None:  # K/V write and attention in one call (server/cpu_attention.py)
+            if kernel is not None:  # K/V write and attention in one call (server/cpu_attention.py)
                 att = cpu_attention.decode_attention(
-                    lean.attention_kernel, arena.data[i], q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                    *where, scale,
-                ).view(1, -1)  # [1, H Dh]  # fmt: skip
+                    kernel, arena.data[i], q[:, :, 0], k[:, :, 0], v[:, :, 0], *where, scale
+                ).view(1, -1)  # [1, H Dh]
             else:
                 kv = arena.data[i]  # [2, R, Hkv, C, Dh]
                 kv[0, row, :, position] = k[0, :, 0]  # [Hkv, Dh]

@@ -286,8 +286,8 @@ class LeanDecode:
         pos = torch.tensor(positions, device=device)  # [B]
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
-        if self.attention_kernel is not None:
-            return self._kernel_step(arena, lo, hi, x, pos, cos, sin)
+        if (kernel := self.attention_kernel) is not None:
+            return self._kernel_step(kernel, arena, lo, hi, x, pos, cos, sin)
         bias = make_decode_bias(positions, x.dtype, device)  # [B, 1, 1, K] or None
         row, col = (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
         k_len = max(positions) + 1
@@ -310,6 +310,7 @@ class LeanDecode:
 
     def _kernel_step(
         self,
+        kernel: object,
         arena: Arena,
         lo: int,
         hi: int,
@@ -318,14 +319,15 @@ class LeanDecode:
         cos: torch.Tensor,
         sin: torch.Tensor,
     ) -> torch.Tensor:
-        """`step` for rows [lo, hi) on CPU with attention and K/V writes in the C++ kernel."""
+        """`step` for rows [lo, hi) on CPU with attention and K/V writes in `kernel`
+        (server/cpu_attention.py)."""
         rows = torch.arange(lo, hi)  # [B]
 
         def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
             q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
             out = cpu_attention.decode_attention(
-                self.attention_kernel, arena.data[index], q[:, :, 0], k[:, :, 0], v[:, :, 0],
-                rows, pos, layer.scaling,
+                kernel, arena.data[index], q[:, :, 0], k[:, :, 0], v[:, :, 0], rows, pos,
+                layer.scaling,
             )  # [B, H, Dh]  # fmt: skip
             return layer.o_proj(out.view(hi - lo, -1))  # [B, D]
 
