@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +34,7 @@ CAPABILITY_FLAGS = {
 }
 VECTOR_FLOATS = {"AVX512": 16, "AVX2": 8, "DEFAULT": 8}  # float lanes of at::vec::Vectorized
 MAX_CHUNKS = 32  # Dh / lanes at most (kMaxChunks in the source)
+_BUILD_LOCK = threading.Lock()  # engines starting on two threads build once
 
 
 def capability() -> str:
@@ -41,27 +43,37 @@ def capability() -> str:
     return found if found in CAPABILITY_FLAGS else "DEFAULT"
 
 
-@functools.cache
 def load_kernel():
     """The built extension module (its `decode_attention`), or None where building fails."""
-    from torch.utils.cpp_extension import load_inline
+    with _BUILD_LOCK:
+        return _load_kernel()
 
+
+@functools.cache
+def _load_kernel():
     cap = capability()
     start = time.perf_counter()
-    put_ninja_on_path()
     try:
-        module = load_inline(
-            name=f"speechchat_decode_attention_{cap.lower()}",
-            cpp_sources=SOURCE.read_text(),
-            functions=["decode_attention"],
-            extra_cflags=["-O3", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-            + CAPABILITY_FLAGS[cap],
-        )
+        module = build_kernel(cap)
     except Exception as exc:  # no compiler or ninja, a failed build: the matmuls still work
         log.warning("CPU decode attention kernel unavailable, using batched matmuls: %r", exc)
         return None
     log.info("CPU decode attention kernel (%s) ready in %.1f s", cap, time.perf_counter() - start)
     return module
+
+
+def build_kernel(cap: str):
+    """Build (or load from torch's extension cache) the kernel for CPU capability `cap`."""
+    from torch.utils.cpp_extension import load_inline
+
+    put_ninja_on_path()
+    return load_inline(
+        name=f"speechchat_decode_attention_{cap.lower()}",
+        cpp_sources=SOURCE.read_text(),
+        functions=["decode_attention"],
+        extra_cflags=["-O3", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+        + CAPABILITY_FLAGS[cap],
+    )
 
 
 def put_ninja_on_path() -> None:

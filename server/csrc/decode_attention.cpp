@@ -24,6 +24,18 @@ inline Vec load(const c10::BFloat16* p) {
   return v;
 }
 
+inline float sum_lanes(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  return v.reduce_add();
+#else  // vec_base's reduce_add does not compile for the scalar capability (torch 2.11)
+  float lanes[Vec::size()];
+  v.store(lanes);
+  float total = 0.f;
+  for (int64_t i = 0; i < Vec::size(); ++i) total += lanes[i];
+  return total;
+#endif
+}
+
 struct Strides {
   int64_t b, h;  // elements between rows / heads of a [B, heads, Dh] input
 };
@@ -65,7 +77,7 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
           const float* qg = qf.data() + g * Dh;
           Vec a = Vec::loadu(qg) * kc[0];
           for (int64_t c = 1; c < chunks; ++c) a = at::vec::fmadd(Vec::loadu(qg + c * VS), kc[c], a);
-          scores[g * keys + k] = a.reduce_add();
+          scores[g * keys + k] = sum_lanes(a);
         }
       }
       for (int64_t g = 0; g < G; ++g) {

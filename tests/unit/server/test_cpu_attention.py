@@ -99,10 +99,30 @@ def test_a_failing_build_leaves_the_matmuls(monkeypatch, caplog):
         raise RuntimeError("ninja is required to load C++ extensions")
 
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", refuse)
-    cpu_attention.load_kernel.cache_clear()
+    cpu_attention._load_kernel.cache_clear()
     try:
         with caplog.at_level("WARNING"):
             assert cpu_attention.load_kernel() is None
     finally:
-        cpu_attention.load_kernel.cache_clear()  # later callers build (or load) the real one
+        cpu_attention._load_kernel.cache_clear()  # later callers build (or load) the real one
     assert "using batched matmuls" in caplog.text and "ninja" in caplog.text
+
+
+RUNNABLE = {"AVX512": ["AVX512", "AVX2", "DEFAULT"], "AVX2": ["AVX2", "DEFAULT"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cap", ["AVX2", "DEFAULT"])
+def test_other_capabilities_build_and_attend_alike(cap):
+    """The builds other machines get (AVX2, scalar), where this one can run them (~30 s each)."""
+    if cap not in RUNNABLE.get(cpu_attention.capability(), ["DEFAULT"]):
+        pytest.skip(f"this CPU cannot run the {cap} build")
+    module = cpu_attention.build_kernel(cap)
+    gen = torch.Generator().manual_seed(2)
+    arena = torch.randn(2, ROWS, 2, COLUMNS, 64, generator=gen)
+    q, k, v = (torch.randn(2, n, 64, generator=gen) for n in (6, 2, 2))
+    rows, positions = torch.tensor([4, 1]), torch.tensor([30, 2])
+    expected_arena, expected = reference(arena, q, k, v, rows, positions, 0.125)
+    got = cpu_attention.decode_attention(module, arena, q, k, v, rows, positions, 0.125)
+    assert torch.equal(arena, expected_arena)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
