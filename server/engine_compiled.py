@@ -6,8 +6,9 @@ vectorised multiply-and-sum over [out, in] weights reaches ~33 GB/s (SmolLM2, 2 
 engine thread the only OpenMP pool: 16-18 ms a step against 35-45 ms). All shapes are static
 (one row; weights are inputs, not constants), so three graphs serve every layer and compile once
 per model (~20 s on 2 cores; ~10 s at later starts, from inductor's on-disk cache); attention
-over the growing key range stays eager (SDPA; in bf16 batched matmuls) between the compiled
-pieces, and the step itself writes each layer's K/V into the arena.
+over the growing key range runs between the compiled pieces: the C++ kernel of
+server/cpu_attention.py, which also writes the layer's K/V into the arena, or where it did not
+build SDPA (in bf16 batched matmuls) after the step's own K/V writes.
 
 Dims: H query heads, Hkv key/value heads, Dh head width, D LLM width, I MLP width, V vocabulary.
 """
