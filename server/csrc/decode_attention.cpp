@@ -36,6 +36,62 @@ inline float sum_lanes(const Vec& v) {
 #endif
 }
 
+// acc [chunks x VS] = sum over k of p[k] V[k] (V rows at s_col): a fixed number of chunks keeps
+// the sums in vector registers
+template <int64_t Chunks, typename T>
+void weigh_fixed(const T* V, int64_t s_col, const float* p, int64_t keys, float* acc) {
+  Vec sum[Chunks];
+  for (int64_t c = 0; c < Chunks; ++c) sum[c] = Vec(0.f);
+  for (int64_t k = 0; k < keys; ++k) {
+    const Vec w(p[k]);
+    const T* vr = V + k * s_col;
+    for (int64_t c = 0; c < Chunks; ++c) sum[c] = at::vec::fmadd(w, load(vr + c * Vec::size()), sum[c]);
+  }
+  for (int64_t c = 0; c < Chunks; ++c) sum[c].store(acc + c * Vec::size());
+}
+
+template <typename T>
+void weigh_values(const T* V, int64_t s_col, const float* p, int64_t keys, int64_t chunks, float* acc) {
+  switch (chunks) {
+    case 2: return weigh_fixed<2>(V, s_col, p, keys, acc);
+    case 4: return weigh_fixed<4>(V, s_col, p, keys, acc);
+    case 8: return weigh_fixed<8>(V, s_col, p, keys, acc);
+    case 16: return weigh_fixed<16>(V, s_col, p, keys, acc);
+  }
+  std::fill(acc, acc + chunks * Vec::size(), 0.f);
+  for (int64_t k = 0; k < keys; ++k)
+    for (int64_t c = 0; c < chunks; ++c) {
+      float* a = acc + c * Vec::size();
+      at::vec::fmadd(Vec(p[k]), load(V + k * s_col + c * Vec::size()), Vec::loadu(a)).store(a);
+    }
+}
+
+// lane-wise products of q and a key row, summed over the row's chunks (not yet across lanes)
+template <typename T>
+inline Vec dot_lanes(const float* q, const T* key, int64_t chunks) {
+  Vec a = Vec::loadu(q) * load(key);
+  for (int64_t c = 1; c < chunks; ++c) a = at::vec::fmadd(Vec::loadu(q + c * Vec::size()), load(key + c * Vec::size()), a);
+  return a;
+}
+
+// out[j] = sum of a[j]'s lanes, j < 4
+inline void sum_lanes4(const Vec* a, float* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 v0 = a[0], v1 = a[1], v2 = a[2], v3 = a[3];
+  // per 128-bit lane: [v0 0+2, v1 0+2, v0 1+3, v1 1+3] and the same for v2, v3
+  const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(v0, v1), _mm512_unpackhi_ps(v0, v1));
+  const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(v2, v3), _mm512_unpackhi_ps(v2, v3));
+  // per 128-bit lane: [v0, v1, v2, v3] partial sums
+  const __m512 t2 = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t1))));
+  const __m256 u = _mm256_add_ps(_mm512_castps512_ps256(t2), _mm512_extractf32x8_ps(t2, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+#else
+  for (int64_t j = 0; j < 4; ++j) out[j] = sum_lanes(a[j]);
+#endif
+}
+
 struct Strides {
   int64_t b, h;  // elements between rows / heads of a [B, heads, Dh] input
 };
@@ -69,17 +125,17 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
           (load(qg + c * VS) * Vec(scale)).store(qf.data() + g * Dh + c * VS);
       }
       scores.resize(G * keys);  // [G, keys]
-      Vec kc[kMaxChunks];
-      for (int64_t k = 0; k < keys; ++k) {
-        const T* kr = K + k * s_col;
-        for (int64_t c = 0; c < chunks; ++c) kc[c] = load(kr + c * VS);
+      int64_t k = 0;
+      for (; k + 4 <= keys; k += 4)  // four keys' sums at once: one reduction for four
         for (int64_t g = 0; g < G; ++g) {
           const float* qg = qf.data() + g * Dh;
-          Vec a = Vec::loadu(qg) * kc[0];
-          for (int64_t c = 1; c < chunks; ++c) a = at::vec::fmadd(Vec::loadu(qg + c * VS), kc[c], a);
-          scores[g * keys + k] = sum_lanes(a);
+          Vec a[4];
+          for (int64_t j = 0; j < 4; ++j) a[j] = dot_lanes(qg, K + (k + j) * s_col, chunks);
+          sum_lanes4(a, scores.data() + g * keys + k);
         }
-      }
+      for (; k < keys; ++k)
+        for (int64_t g = 0; g < G; ++g)
+          scores[g * keys + k] = sum_lanes(dot_lanes(qf.data() + g * Dh, K + k * s_col, chunks));
       for (int64_t g = 0; g < G; ++g) {
         float* s = scores.data() + g * keys;
         const float top = at::vec::reduce_all<float>(
@@ -88,17 +144,8 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
         const float inv = 1.f / at::vec::reduce_all<float>([](Vec x, Vec y) { return x + y; }, s, keys);
         at::vec::map([inv](Vec x) { return x * Vec(inv); }, s, s, keys);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t k = 0; k < keys; ++k) {
-        const T* vr = V + k * s_col;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const Vec v = load(vr + c * VS);
-          for (int64_t g = 0; g < G; ++g) {
-            float* a = acc.data() + g * Dh + c * VS;
-            at::vec::fmadd(Vec(scores[g * keys + k]), v, Vec::loadu(a)).store(a);
-          }
-        }
-      }
+      for (int64_t g = 0; g < G; ++g)  // V's rows again per query head: from cache, sums in registers
+        weigh_values(V, s_col, scores.data() + g * keys, keys, chunks, acc.data() + g * Dh);
       T* o = op + (b * H + h * G) * Dh;
       for (int64_t j = 0; j < G * Dh; ++j) o[j] = static_cast<T>(acc[j]);
     }

@@ -35,7 +35,9 @@ def reference(arena, q, k, v, rows, positions, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (4, 4, 128)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim", [(4, 2, 16), (6, 2, 64), (4, 4, 128), (4, 2, 48)]
+)
 def test_kernel_matches_float32_attention(kernel, dtype, heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(0)
     arena = torch.randn(2, ROWS, kv_heads, COLUMNS, head_dim, generator=gen).to(dtype)
