@@ -155,13 +155,19 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
 }  // namespace
 
 // kv [2, R, Hkv, C, Dh]; q [B, H, Dh]; k_new, v_new [B, Hkv, Dh] (innermost dim contiguous);
-// rows, positions [B] int64 -> out [B, H, Dh]. Writes k_new/v_new into kv first.
+// rows (distinct), positions [B] int64 -> out [B, H, Dh]. Writes k_new/v_new into kv first.
 torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor k_new,
                                torch::Tensor v_new, torch::Tensor rows, torch::Tensor positions,
                                double scale) {
   const int64_t Dh = q.size(2);
   TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.size(4) == Dh, "kv must be [2, R, Hkv, C, Dh]");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "q/k/v must be [B, heads, Dh]");
+  TORCH_CHECK(kv.device().is_cpu() && q.device().is_cpu() && k_new.device().is_cpu() &&
+                  v_new.device().is_cpu(),
+              "decode_attention runs on CPU tensors");
+  TORCH_CHECK(k_new.sizes() == v_new.sizes() && k_new.size(0) == q.size(0) &&
+                  k_new.size(1) == kv.size(2) && k_new.size(2) == Dh,
+              "k and v must be [B, Hkv, Dh] as q and kv");
   TORCH_CHECK(kv.stride(4) == 1 && q.stride(2) == 1 && k_new.stride(2) == 1 && v_new.stride(2) == 1,
               "head dims must be contiguous");
   TORCH_CHECK(q.scalar_type() == kv.scalar_type() && k_new.scalar_type() == kv.scalar_type() &&
@@ -176,9 +182,12 @@ torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor 
   auto out = torch::empty({q.size(0), q.size(1), Dh}, q.options());
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* p = positions.data_ptr<int64_t>();
-  for (int64_t b = 0; b < q.size(0); ++b)
+  for (int64_t b = 0; b < q.size(0); ++b) {
     TORCH_CHECK(r[b] >= 0 && r[b] < kv.size(1) && p[b] >= 0 && p[b] < kv.size(3),
                 "row or position outside the arena");
+    for (int64_t other = 0; other < b; ++other)  // a row's write and reads are one task's
+      TORCH_CHECK(r[other] != r[b], "rows must be distinct");
+  }
   const float s = static_cast<float>(scale);
   if (q.scalar_type() == at::kBFloat16)
     attend_rows<c10::BFloat16>(kv, q, k_new, v_new, r, p, s, out);

@@ -75,6 +75,17 @@ def test_kernel_reads_strided_queries(kernel):
         (dict(rows=torch.tensor([0], dtype=torch.int32)), "int64"),
         (dict(q=torch.zeros(1, 3, 16)), "multiple of K/V heads"),
         (dict(k=torch.zeros(1, 2, 16, dtype=torch.bfloat16)), "share a dtype"),
+        (dict(k=torch.zeros(1, 1, 16)), r"\[B, Hkv, Dh\]"),
+        (
+            dict(
+                q=torch.zeros(2, 4, 16),
+                k=torch.zeros(2, 2, 16),
+                v=torch.zeros(2, 2, 16),
+                rows=torch.tensor([2, 2]),
+                positions=torch.tensor([1, 2]),
+            ),
+            "distinct",
+        ),  # fmt: skip
     ],
 )
 def test_kernel_refuses_bad_input(kernel, change, message):
