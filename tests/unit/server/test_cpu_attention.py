@@ -85,7 +85,7 @@ def test_kernel_reads_strided_queries(kernel):
                 positions=torch.tensor([1, 2]),
             ),
             "distinct",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_kernel_refuses_bad_input(kernel, change, message):
