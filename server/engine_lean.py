@@ -219,7 +219,7 @@ class LeanDecode:
             copy if self.packed else "",
         )  # fmt: skip
         self.row_step = self._compiled_row_step(model) if compile_row else None
-        # several rows' attention through the C++ kernel (server/cpu_attention.py)
+        # decode attention, one row or several, through the C++ kernel (server/cpu_attention.py)
         self.attention_kernel = self._attention_kernel(model) if compile_row else None
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
         self.fused = self._fused_pieces(model) if self.graphs is not None else None

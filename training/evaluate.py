@@ -181,12 +181,17 @@ def evaluate(
         if len(utts) >= 2 and two_turn_pairs > 0
         else {}
     )  # none asked for: no section, not perplexities of nothing
-    write_report(out, manifest, encoder, split, len(utts), summary, two_turn, tally, training)
+    llm_line = f"{loaded.name} ({loaded.dtype}, {loaded.device})"
+    write_report(
+        out, manifest, encoder, llm_line, split, len(utts), summary, two_turn, tally, training
+    )
     print_summary(summary, two_turn)
     return summary | {f"two-turn ppl {k}": v for k, v in two_turn.items()}
 
 
-def write_report(out, manifest, encoder, split, n, summary, two_turn, tally, training) -> None:
+def write_report(
+    out, manifest, encoder, llm_line, split, n, summary, two_turn, tally, training
+) -> None:
     plot_bars(
         {s: tally.perplexity(s) for s in SYSTEMS},
         "reference-response perplexity",
@@ -199,6 +204,7 @@ def write_report(out, manifest, encoder, split, n, summary, two_turn, tally, tra
         f"- manifest: `{manifest}` (split `{split}`, {n} utterances, "
         f"{tally.tokens} reference tokens)",
         f"- encoder: `{encoder}` (trained steps: {training.get('steps', '?')})",
+        f"- LLM: {llm_line}",
         "",
         "| figure | value |",
         "| --- | --- |",

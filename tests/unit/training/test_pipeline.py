@@ -113,13 +113,16 @@ def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
         assert summary[key] == sum(a["hit"][system] for a in answers) / len(answers)
     assert "## Spoken-QA answers" in report and "| Why is the sky blue? | blue\\|sky |" in report
     assert (tmp_path / "eval" / "perplexity.png").is_file()
-    # no two-turn conversations asked for: no such section or figures
+    assert "- LLM: " in report and "torch.float32" in report
+    # no two-turn conversations asked for: no such section or figures; the LLM in bf16
     bare = evaluate(
         corpus / "dev.jsonl", str(out / "encoder"), tmp_path / "eval0", llm=str(tiny_llm_dir),
-        split="dev", two_turn_pairs=0,
+        split="dev", two_turn_pairs=0, dtype="bfloat16",
     )  # fmt: skip
     assert not any(k.startswith("two-turn") for k in bare)
-    assert "Two-turn" not in (tmp_path / "eval0" / "report.md").read_text()
+    assert all(v == v and v >= 0 for v in bare.values())  # finite, not NaN
+    bare_report = (tmp_path / "eval0" / "report.md").read_text()
+    assert "Two-turn" not in bare_report and "torch.bfloat16" in bare_report
 
 
 def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path):
