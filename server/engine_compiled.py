@@ -29,7 +29,8 @@ from server.engine_batch import Arena
 from server.engine_decode import grouped_attention
 
 if TYPE_CHECKING:
-    from server.engine_lean import DecodeLinear, LeanDecode
+    from server.engine_lean import LeanDecode
+    from server.engine_linear import DecodeLinear
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class CompiledRowStep:
         q, k, v = self._first(x, norm_in, qkv, cos, sin)
         last = len(self.layers) - 1
         kernel = lean.attention_kernel
-        where = (torch.tensor([row]), torch.tensor([position]))  # [1] each
+        where = (torch.tensor([row]), torch.tensor([position])) if kernel is not None else None
         for i, (_, _, o_proj, norm_post, gate_up, down) in enumerate(self.layers):
             scale = lean.layers[i].scaling
             if kernel is not None:  # K/V write and attention in one call (server/cpu_attention.py)

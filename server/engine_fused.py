@@ -37,7 +37,8 @@ from server.engine_decode import position_bias
 from server.engine_splitk import pick_split, project
 
 if TYPE_CHECKING:
-    from server.engine_lean import DecodeLinear, LeanDecode
+    from server.engine_lean import LeanDecode
+    from server.engine_linear import DecodeLinear
 
 log = logging.getLogger(__name__)
 

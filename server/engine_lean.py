@@ -4,13 +4,8 @@ q/k/v and gate/up weights.
 Own forward rather than the HF one because a decode step of a small model is bound by streaming
 its weights plus per-op overhead: the HF modules' plumbing (cache objects, mask builders, kwargs
 through every layer) and MKL's fp32 GEMM, which on this project's CPUs falls to a third of the
-memory bandwidth for 2 to 16 rows. q/k/v and gate/up weights become views into one fused tensor
-each (no second copy; HF's forward, `generate` and training see the same parameters). On CPU,
-several rows (a batched step, a prefill chunk) read a second copy of the weights in oneDNN's
-packed layout (`torch.ops.mkldnn`, the kernels inductor's CPU freezing pass uses): measured on
-SmolLM2, 2 cores, all 121 projections take 31 ms for 4 rows and 60 for 16, against 83 and 82 ms
-through `F.linear`, and 46 vs 62 ms for a 128-token chunk (per 10 layers); models over
-`PACK_MAX_BYTES` skip the copy. With `compiled`, CPU decode steps attend (and write their K/V)
+memory bandwidth for 2 to 16 rows. The projections are server/engine_linear.py's (fused weights;
+on CPU a oneDNN-packed copy). With `compiled`, CPU decode steps attend (and write their K/V)
 through the C++ kernel of server/cpu_attention.py where it builds. Used for Llama-architecture
 models only (`lean_support` says why another is refused); others keep the HF forward.
 
@@ -23,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,53 +37,19 @@ from server.engine_decode import (
 )
 from server.engine_fused import NO_SPLIT, FusedPieces
 from server.engine_graphs import GraphedDecode
+from server.engine_linear import DecodeLinear, decode_linear, should_pack
 
 log = logging.getLogger(__name__)
 
+Attend = Callable[["LeanLayer", torch.Tensor, int], torch.Tensor]  # (layer, normed x, index)
+
 LEAN_MODEL_TYPES = ("llama",)  # configs whose decoder layer is exactly Llama's
-PACK_ROWS = 16  # rows oneDNN's packed layout is tuned for (1 to 16 all run well with it)
-PACK_PAD = 64  # zero rows added to a packed weight with a multiple of 1024 rows (pack_weight)
-PACK_MAX_BYTES = 8 << 30  # bytes; larger CPU models decode from their own weights
-PACK_DTYPES = (torch.float32, torch.bfloat16)
 # CUDA attention: masks rule out flash; no cuDNN (`LeanDecode._attention_backends`)
 CUDA_SDPA_BACKENDS = [
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.MATH,
 ]
-
-
-class DecodeLinear:
-    """x [N, in] -> x W^T + b [N, out]: through oneDNN's packed copy of W where there is one
-    (CPU; from one row on it beats MKL's GEMV: SmolLM2, 2 cores, a one-row step 35 vs 45 ms in
-    fp32, 24-27 vs 30-36 ms in bf16), else through W itself (an [out, in] view)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
-        self.weight = weight  # [out, in]
-        self.bias = bias  # [out] or None
-        self.out = weight.shape[0]
-        self.packed, self.packed_bias = pack_weight(weight, bias) if pack else (None, None)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.packed_bias, "none", [], "")
-        return y if y.shape[-1] == self.out else y[:, : self.out]  # [N, out]
-
-
-def pack_weight(
-    weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """oneDNN's packed copy of W [out, in] (and the bias to use with it). A weight whose `out`
-    is a multiple of 1024 gets `PACK_PAD` zero rows first: oneDNN runs such shapes at half speed
-    for 4 to 16 rows (SmolLM2's gate/up [3072, 576], 2 cores, 16 rows: 1085 us vs 547 us for
-    [3136, 576]; 4 rows: 452 vs 368 us; the LM head [49152, 576] is as fast either way)."""
-    w = weight.detach()
-    if w.shape[0] % 1024 == 0:
-        w = torch.cat([w, w.new_zeros(PACK_PAD, w.shape[1])])  # [out + PACK_PAD, in]
-        if bias is not None:
-            bias = torch.cat([bias, bias.new_zeros(PACK_PAD)])
-    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_ROWS), bias
 
 
 @dataclass
@@ -128,55 +90,6 @@ def lean_support(model: torch.nn.Module) -> str | None:
     if inner is None or not hasattr(inner, "rotary_emb") or not hasattr(inner, "layers"):
         return "no model.layers / model.rotary_emb"
     return None
-
-
-def should_pack(model: torch.nn.Module, weight_bytes: int) -> bool:
-    """oneDNN-packed decode weights: CPU, fp32/bf16, oneDNN present, not too big to copy."""
-    return (
-        model.device.type == "cpu"
-        and model.dtype in PACK_DTYPES
-        and torch.backends.mkldnn.is_available()
-        and weight_bytes <= PACK_MAX_BYTES
-    )
-
-
-def fuse_linears(
-    linears: list[torch.nn.Linear], transposed: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Store several Linears' weights in one tensor and point each Linear at its slice.
-
-    Returns the fused weight [sum(out), in] (`transposed`: a transposed view whose storage is
-    [in, sum(out)], the layout MKL's GEMV streams fastest) and the fused bias (None when none
-    has one)."""
-    parts = [lin.weight.detach() for lin in linears]  # [out_i, in]
-    with torch.no_grad():
-        if transposed:
-            fused = torch.cat([w.t() for w in parts], dim=1).contiguous().t()  # [sum(out), in]
-        else:
-            fused = torch.cat(parts).contiguous()  # [sum(out), in]
-        row = 0
-        for lin in linears:
-            n = lin.weight.shape[0]
-            lin.weight.data = fused[row : row + n]  # [out_i, in] view, same values
-            row += n
-    return fused, concat_biases(linears)
-
-
-def concat_biases(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
-    """The Linears' biases end to end [sum(out)] (zeros for one without); None if none has."""
-    if all(lin.bias is None for lin in linears):
-        return None
-    return torch.cat([
-        lin.bias.detach() if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
-        for lin in linears
-    ])  # fmt: skip
-
-
-def decode_linear(linears: list[torch.nn.Linear], pack: bool, transposed: bool) -> DecodeLinear:
-    """One `DecodeLinear` computing the given Linears side by side (outputs concatenated)."""
-    if len(linears) == 1:  # the Parameter itself: a later re-layout (lay_out_for_decode) shows
-        return DecodeLinear(linears[0].weight, linears[0].bias, pack)
-    return DecodeLinear(*fuse_linears(linears, transposed), pack)
 
 
 class LeanDecode:
@@ -287,8 +200,26 @@ class LeanDecode:
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
         if (kernel := self.attention_kernel) is not None:
-            return self._kernel_step(kernel, arena, lo, hi, x, pos, cos, sin)
-        bias = make_decode_bias(positions, x.dtype, device)  # [B, 1, 1, K] or None
+            attend = self._kernel_attend(kernel, arena, lo, hi, pos, cos, sin)
+        else:
+            attend = self._eager_attend(arena, lo, hi, positions, x.dtype, pos, cos, sin)
+        return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
+
+    def _eager_attend(
+        self,
+        arena: Arena,
+        lo: int,
+        hi: int,
+        positions: list[int],
+        dtype: torch.dtype,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> Attend:
+        """`step`'s attention for rows [lo, hi) as torch ops: K/V writes into the arena, then
+        SDPA for one row, batched matmuls with a mask per row for several."""
+        device, rows = arena.device, hi - lo
+        bias = make_decode_bias(positions, dtype, device)  # [B, 1, 1, K] or None
         row, col = (lo, positions[0]) if rows == 1 else (torch.arange(lo, hi, device=device), pos)
         k_len = max(positions) + 1
 
@@ -306,20 +237,19 @@ class LeanDecode:
                 out = grouped_attention(q, keys, values, bias, layer.scaling)  # [B, H, 1, Dh]
             return layer.o_proj(out.reshape(rows, -1))  # [B, D]
 
-        return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
+        return attend
 
-    def _kernel_step(
+    def _kernel_attend(
         self,
         kernel: object,
         arena: Arena,
         lo: int,
         hi: int,
-        x: torch.Tensor,
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`step` for rows [lo, hi) on CPU with attention and K/V writes in `kernel`
+    ) -> Attend:
+        """`step`'s attention for rows [lo, hi), K/V writes included, in `kernel`
         (server/cpu_attention.py)."""
         rows = torch.arange(lo, hi)  # [B]
 
@@ -331,7 +261,7 @@ class LeanDecode:
             )  # [B, H, Dh]  # fmt: skip
             return layer.o_proj(out.view(hi - lo, -1))  # [B, D]
 
-        return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
+        return attend
 
     @torch.inference_mode()
     def static_step(
@@ -402,7 +332,7 @@ class LeanDecode:
             return contextlib.nullcontext()
         return sdpa_kernel(CUDA_SDPA_BACKENDS)
 
-    def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x [N, D] through every decoder layer; `attend(layer, normed, layer_index)` -> [N, D]."""
         for i, layer in enumerate(self.layers):
             x = x + attend(layer, self._norm(layer.norm_in, x), i)

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from server import cpu_attention, engine_compiled
 from server.engine_batch import ARENA_GROW, Arena, PackedPrefill
 from server.engine_compiled import CompiledRowStep
-from server.engine_lean import PACK_PAD, DecodeLinear, LeanDecode, lean_support
+from server.engine_lean import LeanDecode, lean_support
+from server.engine_linear import PACK_PAD, DecodeLinear
 from server.kv_cache import KVStore
 from tests.tiny import TINY_LLAMA
 
