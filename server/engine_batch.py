@@ -63,18 +63,23 @@ class PrefillSegment:
     lo: int
     hi: int
     mask: torch.Tensor  # [1, 1, Q, K] bool, causal over the row's prefix plus the chunk
-    grouped: torch.Tensor | None = None  # `mask` repeated for grouped query heads
+    grouped: torch.Tensor | None = None  # `mask` as a bias, repeated for grouped query heads
 
     @property
     def end(self) -> int:
         """The row's column after the chunk (its key length)."""
         return self.start + self.hi - self.lo
 
-    def grouped_mask(self, group: int) -> torch.Tensor:
-        """The mask for the chunk's queries repeated `group` times -> [1, 1, G Q, K] (made once
-        per prefill; every layer uses it)."""
-        if self.grouped is None or self.grouped.shape[2] != group * (self.hi - self.lo):
-            self.grouped = self.mask.repeat(1, 1, group, 1)
+    def grouped_mask(self, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask for the chunk's queries repeated `group` times, as an additive bias in
+        `dtype` (0 or -inf) -> [1, 1, G Q, K] (made once per prefill; every layer uses it). A
+        bias, not the bool mask: CPU SDPA turns a bool mask into one on every call (SmolLM2, 74
+        positions over 882 cached, 2 cores: 1.19 vs 1.38 ms a layer in fp32, 1.25 vs 1.37 in
+        bf16)."""
+        rows = group * (self.hi - self.lo)
+        if self.grouped is None or self.grouped.shape[2] != rows or self.grouped.dtype != dtype:
+            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
+            self.grouped = bias.masked_fill_(~self.mask, float("-inf")).repeat(1, 1, group, 1)
         return self.grouped
 
 
@@ -126,7 +131,7 @@ class PackedPrefill:
                 q,
                 buf[0, seg.row, :, : seg.end][None],
                 buf[1, seg.row, :, : seg.end][None],
-                attn_mask=seg.grouped_mask(group),
+                attn_mask=seg.grouped_mask(group, query.dtype),
                 scale=scale,
             )  # [1, Hkv, G Q, Dh]
             outs.append(out.reshape(1, heads, q_len, head_dim))
