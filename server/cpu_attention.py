@@ -1,11 +1,15 @@
-"""CPU decode attention for several rows at once, as one C++ kernel over the K/V arena.
+"""CPU decode steps' attention for several rows at once, as one C++ kernel over the K/V arena,
+and the pointwise ops between their projections (RMSNorm with its residual add, SiLU-and-multiply).
 
-Own kernel because neither SDPA's CPU kernels (tiled for long queries) nor batched matmuls fit
+Own kernels because neither SDPA's CPU kernels (tiled for long queries) nor batched matmuls fit
 a decode step's one query per row over the arena: the matmuls copy each row's key block out of
-the arena (bf16) and softmax, bias and the K/V writes are ops of their own (SmolLM2, 2 cores, 16
-rows at 140 keys: ~120 us a layer here against 185-440 us). Built once per machine with
+the arena (bf16) and softmax, bias, rotary embedding and the K/V writes are ops of their own
+(SmolLM2, 2 cores, 16 rows at 140 keys: ~120 us a layer here against 185-440 us); and a
+16-row step runs ~40 small ops a layer between its projections (norms, rotary, SiLU, adds),
+each a few microseconds of dispatch for a few microseconds of work. Built once per machine with
 torch's C++ extension loader (g++ and ninja; ~30 s, then from torch's extension cache); where
-that fails the engine keeps the batched matmuls (`server/engine_decode.grouped_attention`).
+that fails the engine keeps the batched matmuls (`server/engine_decode.grouped_attention`) and
+the modules' ops.
 
 Dims: B rows, H query heads, Hkv key/value heads, R arena rows, C arena columns, Dh head width.
 """
@@ -24,7 +28,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("decode_attention.cpp", "decode_ops.cpp")]
+FUNCTIONS = ["decode_attention", "rms_norm", "add_rms_norm", "silu_mul"]
 DTYPES = (torch.float32, torch.bfloat16)
 # compiler flags per ATen CPU capability: the kernel's vector types follow CPU_CAPABILITY
 CAPABILITY_FLAGS = {
@@ -44,7 +49,7 @@ def capability() -> str:
 
 
 def load_kernel():
-    """The built extension module (its `decode_attention`), or None where building fails."""
+    """The built extension module (`FUNCTIONS`), or None where building fails."""
     with _BUILD_LOCK:
         return _load_kernel()
 
@@ -67,12 +72,13 @@ def build_kernel(cap: str):
     from torch.utils.cpp_extension import load_inline
 
     put_ninja_on_path()
+    # no contracted multiply-adds: the rotary and pointwise ops round as torch's separate ops
+    flags = ["-O3", "-ffp-contract=off", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
     return load_inline(
-        name=f"speechchat_decode_attention_{cap.lower()}",
-        cpp_sources=SOURCE.read_text(),
-        functions=["decode_attention"],
-        extra_cflags=["-O3", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
-        + CAPABILITY_FLAGS[cap],
+        name=f"speechchat_decode_kernels_{cap.lower()}",
+        cpp_sources=[source.read_text() for source in SOURCES],
+        functions=FUNCTIONS,
+        extra_cflags=flags + CAPABILITY_FLAGS[cap],
     )
 
 
@@ -108,7 +114,28 @@ def decode_attention(
     rows: torch.Tensor,
     positions: torch.Tensor,
     scale: float,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k/v [B, Hkv, Dh] into kv [2, R, Hkv, C, Dh] at (rows[b], positions[b]), then attend
-    q [B, H, Dh] over each row's columns 0..positions[b] -> [B, H, Dh]."""
-    return module.decode_attention(kv, q, k, v, rows, positions, scale)
+    q [B, H, Dh] over each row's columns 0..positions[b] -> [B, H, Dh]. With cos/sin [B, Dh]
+    (each row's, in q's dtype) q and k are rotated first (Llama's rotary embedding, rounded as
+    `apply_rotary_pos_emb` rounds); without, they come rotated."""
+    return module.decode_attention(kv, q, k, v, rows, positions, scale, cos, sin)
+
+
+def rms_norm(module, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm of x [N, D] (float32 inside, scaled in x's dtype) -> [N, D]."""
+    return module.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(
+    module, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """x += delta in place (both [N, D]), then `rms_norm` of the sum -> [N, D]."""
+    return module.add_rms_norm(x, delta, weight, eps)
+
+
+def silu_mul(module, gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [N, 2 I] (gate then up, rows contiguous) -> silu(gate) * up [N, I]."""
+    return module.silu_mul(gate_up)

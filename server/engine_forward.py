@@ -19,7 +19,7 @@ from server.engine_lean import LeanDecode, lean_support
 log = logging.getLogger(__name__)
 
 PACKED_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)  # placeholder; packed attention ignores it
-# "compiled": "lean" plus a compiled one-row step and the C++ attention kernel on CPU; "lean":
+# "compiled": "lean" plus a compiled one-row step and the C++ decode kernels on CPU; "lean":
 # server/engine_lean.py (Llama models; others fall back to "hf"); "hf": transformers' forward
 DECODE_STEPS = ("compiled", "lean", "hf")
 

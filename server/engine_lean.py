@@ -5,9 +5,11 @@ Own forward rather than the HF one because a decode step of a small model is bou
 its weights plus per-op overhead: the HF modules' plumbing (cache objects, mask builders, kwargs
 through every layer) and MKL's fp32 GEMM, which on this project's CPUs falls to a third of the
 memory bandwidth for 2 to 16 rows. The projections are server/engine_linear.py's (fused weights;
-on CPU a oneDNN-packed copy). With `compiled`, CPU decode steps attend (and write their K/V)
-through the C++ kernel of server/cpu_attention.py where it builds. Used for Llama-architecture
-models only (`lean_support` says why another is refused); others keep the HF forward.
+on CPU a oneDNN-packed copy). With `compiled`, CPU decode steps run everything between their
+projections (attention with its rotary embedding and K/V writes, norms with their residual adds,
+SiLU-and-multiply) through the C++ kernels of server/cpu_attention.py where they build. Used
+for Llama-architecture models only (`lean_support` says why another is refused); others keep
+the HF forward.
 
 Dims: B decoding rows, N prefill tokens (all segments), H query heads, Hkv key/value heads,
 G query heads per K/V head, K key positions, Dh head width, D LLM width, I MLP width,
@@ -115,8 +117,10 @@ class LeanDecode:
         self.packed = should_pack(model, weight_bytes) if pack is None else pack
         device = model.device.type
         # CUDA: RMSNorm as one kernel and q/k rotated together (eager steps and prefills are
-        # bound by kernel launches there); CPU keeps the modules' ops, as measured there
+        # bound by kernel launches there); CPU prefills keep the modules' ops, as measured there
+        # (CPU decode steps with the kernels: `_kernel_layers`)
         self.fused_ops = device == "cuda"
+        self.silu = model.config.hidden_act == "silu"  # the kernels' SiLU-and-multiply applies
         if compiled and device not in ("cpu", "cuda"):
             log.info("no compiled decode step for %s; it decodes with the lean step", device)
             compiled = False
@@ -200,9 +204,8 @@ class LeanDecode:
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
         if (kernel := self.attention_kernel) is not None:
-            attend = self._kernel_attend(kernel, arena, lo, hi, pos, cos, sin)
-        else:
-            attend = self._eager_attend(arena, lo, hi, positions, x.dtype, pos, cos, sin)
+            return self.lm_head(self._kernel_layers(kernel, arena, lo, hi, x, pos, cos, sin))
+        attend = self._eager_attend(arena, lo, hi, positions, x.dtype, pos, cos, sin)
         return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
 
     def _eager_attend(
@@ -239,29 +242,49 @@ class LeanDecode:
 
         return attend
 
-    def _kernel_attend(
+    def _kernel_layers(
         self,
         kernel: object,
         arena: Arena,
         lo: int,
         hi: int,
+        x: torch.Tensor,
         pos: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> Attend:
-        """`step`'s attention for rows [lo, hi), K/V writes included, in `kernel`
-        (server/cpu_attention.py)."""
-        rows = torch.arange(lo, hi)  # [B]
+    ) -> torch.Tensor:
+        """`step`'s layers for rows [lo, hi) with the C++ kernels (server/cpu_attention.py):
+        per layer the three projections' calls, attention (rotary and K/V writes in it), the
+        residual adds with the norms after them and SiLU-and-multiply, ~8 calls against ~40
+        ops. x [B, D] (added to in place) -> the final norm's output [B, D]."""
+        rows, b = torch.arange(lo, hi), hi - lo
+        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, Dh] each
+        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # after each layer
+        h = cpu_attention.rms_norm(kernel, x, *self._norm_args(self.layers[0].norm_in))
+        for i, (layer, norm_next) in enumerate(zip(self.layers, norms, strict=True)):
+            q, k, v = (
+                layer.qkv(h)
+                .view(b, -1, self.head_dim)
+                .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+            )  # [B, H, Dh], [B, Hkv, Dh] x2: views
+            att = cpu_attention.decode_attention(
+                kernel, arena.data[i], q, k, v, rows, pos, layer.scaling, cos, sin
+            )  # [B, H, Dh]
+            delta = layer.o_proj(att.view(b, -1))  # [B, D]
+            h = cpu_attention.add_rms_norm(kernel, x, delta, *self._norm_args(layer.norm_post))
+            gate_up = layer.gate_up(h)  # [B, 2 I]
+            if self.silu:
+                h = cpu_attention.silu_mul(kernel, gate_up)  # [B, I]
+            else:
+                gate, up = gate_up.chunk(2, -1)
+                h = layer.act(gate) * up
+            delta = layer.down_proj(h)  # [B, D]
+            h = cpu_attention.add_rms_norm(kernel, x, delta, *self._norm_args(norm_next))
+        return h
 
-        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
-            q, k, v = self._qkv(layer, h[:, None], cos, sin)  # [B, H, 1, Dh], [B, Hkv, 1, Dh] x2
-            out = cpu_attention.decode_attention(
-                kernel, arena.data[index], q[:, :, 0], k[:, :, 0], v[:, :, 0], rows, pos,
-                layer.scaling,
-            )  # [B, H, Dh]  # fmt: skip
-            return layer.o_proj(out.view(hi - lo, -1))  # [B, D]
-
-        return attend
+    @staticmethod
+    def _norm_args(norm: torch.nn.Module) -> tuple[torch.Tensor, float]:
+        return norm.weight, norm.variance_epsilon
 
     @torch.inference_mode()
     def static_step(

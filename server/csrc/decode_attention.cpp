@@ -1,6 +1,7 @@
-// One decode step's attention over the engine's K/V arena on CPU: each row writes its new key
-// and value at its position, then its query heads attend over that row's keys 0..position.
-// Softmax in float32; loads and sums in ATen's vector types (AVX-512 / AVX2 / scalar, as built).
+// One decode step's attention over the engine's K/V arena on CPU: each row rotates its new query
+// and key (Llama's rotary embedding, when given cos/sin), writes its key and value at its
+// position, then its query heads attend over that row's keys 0..position. Softmax in float32;
+// loads and sums in ATen's vector types (AVX-512 / AVX2 / scalar, as built).
 //
 // Dims: B rows, H query heads, Hkv key/value heads, G = H / Hkv, C arena columns, Dh head width.
 
@@ -96,10 +97,23 @@ struct Strides {
   int64_t b, h;  // elements between rows / heads of a [B, heads, Dh] input
 };
 
+// x [Dh] rotated by cos/sin [Dh] as transformers' apply_rotary_pos_emb: x cos + rotate_half(x)
+// sin, each product and the sum rounded to T as its three ops do (no fused multiply-add)
+template <typename T>
+void rotate(const T* x, const T* cos, const T* sin, int64_t Dh, T* out) {
+  const int64_t half = Dh / 2;
+  for (int64_t j = 0; j < Dh; ++j) {
+    const float turned = j < half ? -static_cast<float>(x[j + half]) : static_cast<float>(x[j - half]);
+    const T a = static_cast<T>(static_cast<float>(x[j]) * static_cast<float>(cos[j]));
+    const T b = static_cast<T>(turned * static_cast<float>(sin[j]));
+    out[j] = static_cast<T>(static_cast<float>(a) + static_cast<float>(b));
+  }
+}
+
 template <typename T>
 void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::Tensor& k_new,
                  const torch::Tensor& v_new, const int64_t* rows, const int64_t* positions,
-                 float scale, torch::Tensor& out) {
+                 float scale, const T* cos, const T* sin, torch::Tensor& out) {
   constexpr int64_t VS = Vec::size();
   const int64_t B = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = kv.size(2), G = H / Hkv;
   const int64_t chunks = Dh / VS;
@@ -113,14 +127,23 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
   T* op = out.data_ptr<T>();  // [B, H, Dh] contiguous
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * Dh), acc(G * Dh), scores;
+    std::vector<T> turned(Dh);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, pos = positions[b], keys = pos + 1;
       T* K = arena + rows[b] * s_row + h * s_head;  // [C, Dh] at s_col
       T* V = K + half;
-      std::memcpy(K + pos * s_col, kp + b * sk.b + h * sk.h, Dh * sizeof(T));
+      const T* kb = kp + b * sk.b + h * sk.h;
+      if (cos != nullptr)
+        rotate(kb, cos + b * Dh, sin + b * Dh, Dh, K + pos * s_col);
+      else
+        std::memcpy(K + pos * s_col, kb, Dh * sizeof(T));
       std::memcpy(V + pos * s_col, vp + b * sv.b + h * sv.h, Dh * sizeof(T));
       for (int64_t g = 0; g < G; ++g) {
         const T* qg = qp + b * sq.b + (h * G + g) * sq.h;
+        if (cos != nullptr) {
+          rotate(qg, cos + b * Dh, sin + b * Dh, Dh, turned.data());
+          qg = turned.data();
+        }
         for (int64_t c = 0; c < chunks; ++c)
           (load(qg + c * VS) * Vec(scale)).store(qf.data() + g * Dh + c * VS);
       }
@@ -155,10 +178,12 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
 }  // namespace
 
 // kv [2, R, Hkv, C, Dh]; q [B, H, Dh]; k_new, v_new [B, Hkv, Dh] (innermost dim contiguous);
-// rows (distinct), positions [B] int64 -> out [B, H, Dh]. Writes k_new/v_new into kv first.
+// rows (distinct), positions [B] int64; cos, sin [B, Dh] as q, or both None (q and k come
+// rotated) -> out [B, H, Dh]. Writes k_new (rotated) and v_new into kv first.
 torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor k_new,
                                torch::Tensor v_new, torch::Tensor rows, torch::Tensor positions,
-                               double scale) {
+                               double scale, std::optional<torch::Tensor> cos,
+                               std::optional<torch::Tensor> sin) {
   const int64_t Dh = q.size(2);
   TORCH_CHECK(kv.dim() == 5 && kv.size(0) == 2 && kv.size(4) == Dh, "kv must be [2, R, Hkv, C, Dh]");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "q/k/v must be [B, heads, Dh]");
@@ -179,6 +204,14 @@ torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor 
                   rows.is_contiguous() && positions.is_contiguous() && rows.numel() == q.size(0) &&
                   positions.numel() == q.size(0),
               "rows and positions must be contiguous int64 [B]");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together");
+  if (cos.has_value())
+    TORCH_CHECK(cos->dim() == 2 && cos->sizes() == sin->sizes() && cos->size(0) == q.size(0) &&
+                    cos->size(1) == Dh && Dh % 2 == 0 && cos->is_contiguous() &&
+                    sin->is_contiguous() && cos->scalar_type() == q.scalar_type() &&
+                    sin->scalar_type() == q.scalar_type() && cos->device().is_cpu() &&
+                    sin->device().is_cpu(),
+                "cos and sin must be contiguous [B, Dh] CPU tensors of q's dtype");
   auto out = torch::empty({q.size(0), q.size(1), Dh}, q.options());
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* p = positions.data_ptr<int64_t>();
@@ -189,11 +222,17 @@ torch::Tensor decode_attention(torch::Tensor kv, torch::Tensor q, torch::Tensor 
       TORCH_CHECK(r[other] != r[b], "rows must be distinct");
   }
   const float s = static_cast<float>(scale);
-  if (q.scalar_type() == at::kBFloat16)
-    attend_rows<c10::BFloat16>(kv, q, k_new, v_new, r, p, s, out);
-  else if (q.scalar_type() == at::kFloat)
-    attend_rows<float>(kv, q, k_new, v_new, r, p, s, out);
-  else
+  if (q.scalar_type() == at::kBFloat16) {
+    using T = c10::BFloat16;
+    const T* c = cos ? cos->data_ptr<T>() : nullptr;
+    const T* sn = sin ? sin->data_ptr<T>() : nullptr;
+    attend_rows<T>(kv, q, k_new, v_new, r, p, s, c, sn, out);
+  } else if (q.scalar_type() == at::kFloat) {
+    const float* c = cos ? cos->data_ptr<float>() : nullptr;
+    const float* sn = sin ? sin->data_ptr<float>() : nullptr;
+    attend_rows<float>(kv, q, k_new, v_new, r, p, s, c, sn, out);
+  } else {
     TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
+  }
   return out;
 }

@@ -1,12 +1,14 @@
-"""The CPU decode-attention kernel: it writes each row's new key and value where the batched
+"""The CPU decode kernels. Attention writes each row's new key and value where the batched
 matmuls' step would, attends as float32 attention over the same keys does (fp32 and bf16, with
-and without grouped heads, rows out of order at different positions), and refuses bad input
-with an error instead of reading outside the arena."""
+and without grouped heads, rows out of order at different positions, rotating q and k itself as
+transformers does), and refuses bad input with an error instead of reading outside the arena.
+RMSNorm (with its residual add) and SiLU-and-multiply equal the modules' ops."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from server import cpu_attention
 from server.engine_decode import grouped_attention, position_bias
@@ -98,6 +100,59 @@ def test_kernel_refuses_bad_input(kernel, change, message):
         cpu_attention.decode_attention(kernel, *args.values(), 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kernel_rotates_as_transformers(kernel, dtype):
+    """With cos/sin the kernel rotates q and k itself: the key it writes is the one
+    `apply_rotary_pos_emb` gives, bit for bit, and the output that of attending the rotated q."""
+    gen = torch.Generator().manual_seed(3)
+    arena = torch.randn(2, ROWS, 2, COLUMNS, 64, generator=gen).to(dtype)
+    q, k, v = (torch.randn(3, n, 64, generator=gen).to(dtype) for n in (6, 2, 2))
+    rows, positions = torch.tensor([2, 0, 4]), torch.tensor([9, 0, 40])
+    angles = positions[:, None] / 10_000 ** (torch.arange(32) / 32)  # [B, Dh / 2]
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)  # [B, Dh], Llama's layout
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    q_rot, k_rot = apply_rotary_pos_emb(q, k, cos, sin)  # [B, heads, Dh]
+    expected_arena, expected = reference(arena, q_rot, k_rot, v, rows, positions, 0.125)
+    got = cpu_attention.decode_attention(kernel, arena, q, k, v, rows, positions, 0.125, cos, sin)
+    assert torch.equal(arena, expected_arena)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu_attention.decode_attention(kernel, arena, q, k, v, rows, positions, 0.1, cos, None)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu_attention.decode_attention(kernel, arena, q, k, v, rows, positions, 0.1, cos, sin[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norm_and_mlp_ops_equal_the_modules(kernel, dtype):
+    gen = torch.Generator().manual_seed(4)
+    x, delta = (torch.randn(5, 96, generator=gen).to(dtype) for _ in range(2))
+    norm = LlamaRMSNorm(96, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(96, generator=gen).to(dtype)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    torch.testing.assert_close(cpu_attention.rms_norm(kernel, x, norm.weight, 1e-5), norm(x), **tol)
+    summed = x.clone()
+    got = cpu_attention.add_rms_norm(kernel, summed, delta, norm.weight, 1e-5)
+    assert torch.equal(summed, x + delta)  # the residual stream, added in place
+    torch.testing.assert_close(got, norm(x + delta), **tol)
+    gate_up = torch.randn(5, 2 * 80 + 16, generator=gen).to(dtype)[:, :160]  # rows strided
+    gate, up = gate_up.chunk(2, -1)  # fp32: ATen's scalar and vector SiLU differ in the last bit
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(cpu_attention.silu_mul(kernel, gate_up), expected, **tol)
+
+
+def test_norm_and_mlp_ops_refuse_bad_input(kernel):
+    x = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpu_attention.rms_norm(kernel, x, torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="delta must be"):
+        cpu_attention.add_rms_norm(kernel, x, torch.zeros(2, 7), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        cpu_attention.rms_norm(kernel, x.half(), torch.ones(8).half(), 1e-5)
+    with pytest.raises(RuntimeError, match=r"\[N, 2 I\]"):
+        cpu_attention.silu_mul(kernel, torch.zeros(2, 7))
+
+
 def test_kernel_support_by_shape():
     lanes = cpu_attention.VECTOR_FLOATS[cpu_attention.capability()]
     assert cpu_attention.kernel_supports(torch.float32, 32, 32, 128)  # Llama-2-7B
@@ -139,3 +194,12 @@ def test_other_capabilities_build_and_attend_alike(cap):
     got = cpu_attention.decode_attention(module, arena, q, k, v, rows, positions, 0.125)
     assert torch.equal(arena, expected_arena)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    x, weight = torch.randn(3, 40, generator=gen), torch.randn(40, generator=gen)
+    norm = LlamaRMSNorm(40, eps=1e-6)
+    norm.weight.data = weight
+    torch.testing.assert_close(module.rms_norm(x, weight, 1e-6), norm(x), rtol=1e-6, atol=1e-6)
+    gate_up = torch.randn(3, 2 * 40, generator=gen)
+    gate, up = gate_up.chunk(2, -1)
+    torch.testing.assert_close(
+        module.silu_mul(gate_up), torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6
+    )
