@@ -29,7 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).parent / "csrc" / f for f in ("decode_attention.cpp", "decode_ops.cpp")]
-FUNCTIONS = ["decode_attention", "rms_norm", "add_rms_norm", "silu_mul"]
+FUNCTIONS = ["decode_attention", "rms_norm", "add_rms_norm", "silu_mul", "parallel_tasks"]
 DTYPES = (torch.float32, torch.bfloat16)
 # compiler flags per ATen CPU capability: the kernel's vector types follow CPU_CAPABILITY
 CAPABILITY_FLAGS = {
@@ -72,13 +72,16 @@ def build_kernel(cap: str):
     from torch.utils.cpp_extension import load_inline
 
     put_ninja_on_path()
-    # no contracted multiply-adds: the rotary and pointwise ops round as torch's separate ops
-    flags = ["-O3", "-ffp-contract=off", f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+    # no contracted multiply-adds: the rotary and pointwise ops round as torch's separate ops;
+    # OpenMP: at::parallel_for is inline OpenMP, serial in code built without it (the process's
+    # libgomp.so.1 is torch's own, so the kernels share its thread pool)
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
     return load_inline(
         name=f"speechchat_decode_kernels_{cap.lower()}",
         cpp_sources=[source.read_text() for source in SOURCES],
         functions=FUNCTIONS,
-        extra_cflags=flags + CAPABILITY_FLAGS[cap],
+        extra_cflags=[*flags, f"-DCPU_CAPABILITY_{cap}", *CAPABILITY_FLAGS[cap]],
+        extra_ldflags=["-fopenmp"],
     )
 
 

@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cmath>
 
 namespace decode_ops {
@@ -143,4 +144,12 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   else
     decode_ops::silu_mul_rows<float>(gate_up, I, out);
   return out;
+}
+
+// how many tasks an at::parallel_for over many items runs as in this build: the intra-op
+// thread count where it was built with OpenMP, 1 where the pragmas were left out
+int64_t parallel_tasks() {
+  std::atomic<int64_t> tasks{0};
+  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) { tasks++; });
+  return tasks.load();
 }

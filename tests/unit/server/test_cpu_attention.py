@@ -153,6 +153,14 @@ def test_norm_and_mlp_ops_refuse_bad_input(kernel):
         cpu_attention.silu_mul(kernel, torch.zeros(2, 7))
 
 
+def test_kernels_run_on_the_intra_op_threads(kernel):
+    """Built with OpenMP: at::parallel_for is inline OpenMP and runs serially without it."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip("one intra-op thread here")
+    assert kernel.parallel_tasks() == threads
+
+
 def test_kernel_support_by_shape():
     lanes = cpu_attention.VECTOR_FLOATS[cpu_attention.capability()]
     assert cpu_attention.kernel_supports(torch.float32, 32, 32, 128)  # Llama-2-7B
