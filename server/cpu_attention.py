@@ -73,8 +73,8 @@ def build_kernel(cap: str):
 
     put_ninja_on_path()
     # no contracted multiply-adds: the rotary and pointwise ops round as torch's separate ops;
-    # OpenMP: at::parallel_for is inline OpenMP, serial in code built without it (the process's
-    # libgomp.so.1 is torch's own, so the kernels share its thread pool)
+    # OpenMP for the row-parallel loops (csrc/parallel.h; the process's libgomp.so.1 is torch's
+    # own, so the kernels share its threads)
     flags = ["-O3", "-ffp-contract=off", "-fopenmp", f"-DCPU_CAPABILITY={cap}"]
     return load_inline(
         name=f"speechchat_decode_kernels_{cap.lower()}",
@@ -82,6 +82,7 @@ def build_kernel(cap: str):
         functions=FUNCTIONS,
         extra_cflags=[*flags, f"-DCPU_CAPABILITY_{cap}", *CAPABILITY_FLAGS[cap]],
         extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(SOURCES[0].parent)],
     )
 
 

@@ -5,10 +5,11 @@
 //
 // Dims: B rows, H query heads, Hkv key/value heads, G = H / Hkv, C arena columns, Dh head width.
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
+
+#include "parallel.h"
 
 #include <cstring>
 #include <vector>
@@ -125,7 +126,7 @@ void attend_rows(const torch::Tensor& kv, const torch::Tensor& q, const torch::T
   const T* kp = k_new.data_ptr<T>();
   const T* vp = v_new.data_ptr<T>();
   T* op = out.data_ptr<T>();  // [B, H, Dh] contiguous
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  speechchat::parallel_rows(B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * Dh), acc(G * Dh), scores;
     std::vector<T> turned(Dh);
     for (int64_t i = begin; i < end; ++i) {

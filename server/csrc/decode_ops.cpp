@@ -4,9 +4,10 @@
 //
 // Dims: N rows, D width, I MLP width.
 
-#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/extension.h>
+
+#include "parallel.h"
 
 #include <atomic>
 #include <cmath>
@@ -61,7 +62,7 @@ void norm_rows(const torch::Tensor& x, torch::Tensor* delta, const torch::Tensor
   const T* dp = delta ? delta->data_ptr<T>() : nullptr;
   const T* wp = weight.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  speechchat::parallel_rows(N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> h(D);
     for (int64_t n = begin; n < end; ++n) {
       T* row = xp + n * x.stride(0);
@@ -81,7 +82,7 @@ void silu_mul_rows(const torch::Tensor& gate_up, int64_t I, torch::Tensor& out) 
   const int64_t N = gate_up.size(0);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+  speechchat::parallel_rows(N, kGrain, [&](int64_t begin, int64_t end) {
     std::vector<float> gate(I);
     for (int64_t n = begin; n < end; ++n) {
       const T* g = gp + n * gate_up.stride(0);
@@ -146,10 +147,10 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// how many tasks an at::parallel_for over many items runs as in this build: the intra-op
-// thread count where it was built with OpenMP, 1 where the pragmas were left out
+// how many tasks a parallel loop over many items runs as in this build: the calling thread's
+// intra-op thread count where it was built with OpenMP, 1 where the pragmas were left out
 int64_t parallel_tasks() {
   std::atomic<int64_t> tasks{0};
-  at::parallel_for(0, 1 << 16, 1, [&](int64_t, int64_t) { tasks++; });
+  speechchat::parallel_rows(1 << 16, 1, [&](int64_t, int64_t) { tasks++; });
   return tasks.load();
 }

@@ -6,6 +6,8 @@ RMSNorm (with its residual add) and SiLU-and-multiply equal the modules' ops."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -154,11 +156,38 @@ def test_norm_and_mlp_ops_refuse_bad_input(kernel):
 
 
 def test_kernels_run_on_the_intra_op_threads(kernel):
-    """Built with OpenMP: at::parallel_for is inline OpenMP and runs serially without it."""
+    """Built with OpenMP (its loops run serially without it)."""
     threads = torch.get_num_threads()
     if threads < 2:
         pytest.skip("one intra-op thread here")
     assert kernel.parallel_tasks() == threads
+
+
+def test_kernel_calls_leave_the_thread_count_alone(kernel):
+    """An engine thread set to 2 intra-op threads keeps them through kernel calls after another
+    thread set 1 (built on at::parallel_for, the kernels' first call on the engine thread reset
+    it to the count set last anywhere, and every prefill after it ran on one core)."""
+    main_threads, seen = torch.get_num_threads(), []
+    engine_ready, main_done = threading.Event(), threading.Event()
+
+    def engine() -> None:
+        torch.set_num_threads(2)
+        torch.get_num_threads()  # torch's own lazy thread-count set-up for this thread, done
+        engine_ready.set()
+        main_done.wait()
+        kernel.rms_norm(torch.ones(64, 16), torch.ones(16), 1e-5)
+        seen.append((torch.get_num_threads(), kernel.parallel_tasks()))
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    try:
+        engine_ready.wait()
+        torch.set_num_threads(1)  # as the server's main thread does (server/threads.py)
+    finally:
+        main_done.set()
+        thread.join()
+        torch.set_num_threads(main_threads)
+    assert seen == [(2, 2)]
 
 
 def test_kernel_support_by_shape():
