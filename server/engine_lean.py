@@ -259,26 +259,38 @@ class LeanDecode:
         ops. x [B, D] (added to in place) -> the final norm's output [B, D]."""
         rows, b = torch.arange(lo, hi), hi - lo
         cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, Dh] each
-        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # after each layer
-        h = cpu_attention.rms_norm(kernel, x, *self._norm_args(self.layers[0].norm_in))
-        for i, (layer, norm_next) in enumerate(zip(self.layers, norms, strict=True)):
+
+        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
             q, k, v = (
                 layer.qkv(h)
                 .view(b, -1, self.head_dim)
                 .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
             )  # [B, H, Dh], [B, Hkv, Dh] x2: views
             att = cpu_attention.decode_attention(
-                kernel, arena.data[i], q, k, v, rows, pos, layer.scaling, cos, sin
+                kernel, arena.data[index], q, k, v, rows, pos, layer.scaling, cos, sin
             )  # [B, H, Dh]
-            delta = layer.o_proj(att.view(b, -1))  # [B, D]
-            h = cpu_attention.add_rms_norm(kernel, x, delta, *self._norm_args(layer.norm_post))
-            gate_up = layer.gate_up(h)  # [B, 2 I]
+            return layer.o_proj(att.view(b, -1))  # [B, D]
+
+        return self._kernel_norm_layers(kernel, x, attend)
+
+    def _kernel_norm_layers(self, kernel: object, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [N, D] (rows contiguous; added to in place) through every decoder layer with the
+        C++ kernels' RMSNorm (each after its residual add) and SiLU-and-multiply around the
+        projections; `attend(layer, normed, layer_index)` -> [N, D] -> the final norm's output
+        [N, D]."""
+        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # after each layer
+        h = cpu_attention.rms_norm(kernel, x, *self._norm_args(self.layers[0].norm_in))
+        for i, (layer, norm_next) in enumerate(zip(self.layers, norms, strict=True)):
+            h = cpu_attention.add_rms_norm(
+                kernel, x, attend(layer, h, i), *self._norm_args(layer.norm_post)
+            )
+            gate_up = layer.gate_up(h)  # [N, 2 I]
             if self.silu:
-                h = cpu_attention.silu_mul(kernel, gate_up)  # [B, I]
+                h = cpu_attention.silu_mul(kernel, gate_up)  # [N, I]
             else:
                 gate, up = gate_up.chunk(2, -1)
                 h = layer.act(gate) * up
-            delta = layer.down_proj(h)  # [B, D]
+            delta = layer.down_proj(h)  # [N, D]
             h = cpu_attention.add_rms_norm(kernel, x, delta, *self._norm_args(norm_next))
         return h
 
@@ -340,9 +352,12 @@ class LeanDecode:
             out = packed.attend(index, q, layer.scaling)[0].transpose(0, 1)  # [N, H, Dh]
             return layer.o_proj(out.reshape(x.shape[0], -1))  # [N, D]
 
+        last = packed.last_positions(logits_of)
+        if (kernel := self.attention_kernel) is not None:  # CPU: the kernels' norms and SiLU
+            return self.lm_head(self._kernel_norm_layers(kernel, x, attend)[last])
         with self._attention_backends():
             hidden = self._layers(x, attend)  # [N, D]
-        return self.lm_head(self._norm(self.norm, hidden[packed.last_positions(logits_of)]))
+        return self.lm_head(self._norm(self.norm, hidden[last]))
 
     def _attention_backends(self) -> contextlib.AbstractContextManager:
         """On CUDA, attention without cuDNN's SDPA backend (prefills and the graphed step).

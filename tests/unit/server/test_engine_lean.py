@@ -77,19 +77,24 @@ def test_other_architectures_are_refused():
 
 
 @pytest.mark.parametrize(
-    ("pack", "fused_ops"),
-    [(True, False), (False, False), (False, True)],
-    ids=["onednn-packed", "fused-in-place", "cuda-ops"],
+    ("pack", "fused_ops", "kernels"),
+    [(True, False, False), (False, False, False), (False, True, False), (True, False, True)],
+    ids=["onednn-packed", "fused-in-place", "cuda-ops", "cpu-kernels"],
 )
-def test_packed_prefill_then_decode_equals_forward(pack, fused_ops):
+def test_packed_prefill_then_decode_equals_forward(pack, fused_ops, kernels):
     """Three prompts prefilled as one sequence (one of them continuing an earlier chunk in its
     row), then one decode step for all: the forward's logits at every stage. `fused_ops`: the
-    one-kernel RMSNorm and joint q/k rotation that CUDA uses."""
+    one-kernel RMSNorm and joint q/k rotation that CUDA uses; `kernels`: server/cpu_attention.py's
+    norms and SiLU-and-multiply in the prefill, everything but the projections in the step."""
     model = tiny_model()
     seqs = [torch.randint(0, VOCAB, (n + 1,)) for n in LENGTHS]  # the last token is decoded
     lean = LeanDecode(model, pack=pack)
     assert not lean.fused_ops  # CPU's default
     lean.fused_ops = fused_ops
+    if kernels:
+        lean.attention_kernel = cpu_attention.load_kernel()
+        if lean.attention_kernel is None:
+            pytest.skip("the C++ kernels did not build here")
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
     assert arena.ensure(len(seqs), max(LENGTHS) + 1)
     embed = model.get_input_embeddings()
