@@ -11,13 +11,14 @@
 
 #include <atomic>
 #include <cmath>
+#include <vector>
 
 namespace decode_ops {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kGrain = 4;  // rows per task: a step's rows are a few microseconds each
 
-// row r of x [N, D] as float32 into out [D]
+// one row x [D] as float32 into out [D]
 template <typename T>
 void to_float(const T* x, int64_t D, float* out) {
   for (int64_t j = 0; j < D; ++j) out[j] = static_cast<float>(x[j]);
