@@ -61,9 +61,9 @@ def _load_kernel():
     try:
         module = build_kernel(cap)
     except Exception as exc:  # no compiler or ninja, a failed build: the matmuls still work
-        log.warning("CPU decode attention kernel unavailable, using batched matmuls: %r", exc)
+        log.warning("CPU decode kernels unavailable, using batched matmuls and torch ops: %r", exc)
         return None
-    log.info("CPU decode attention kernel (%s) ready in %.1f s", cap, time.perf_counter() - start)
+    log.info("CPU decode kernels (%s) ready in %.1f s", cap, time.perf_counter() - start)
     return module
 
 
