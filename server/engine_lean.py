@@ -117,8 +117,8 @@ class LeanDecode:
         self.packed = should_pack(model, weight_bytes) if pack is None else pack
         device = model.device.type
         # CUDA: RMSNorm as one kernel and q/k rotated together (eager steps and prefills are
-        # bound by kernel launches there); CPU prefills keep the modules' ops, as measured there
-        # (CPU decode steps with the kernels: `_kernel_layers`)
+        # bound by kernel launches there); CPU keeps the modules' ops where the C++ kernels of
+        # server/cpu_attention.py did not build (with them: `_kernel_norm_layers`)
         self.fused_ops = device == "cuda"
         self.silu = model.config.hidden_act == "silu"  # the kernels' SiLU-and-multiply applies
         if compiled and device not in ("cpu", "cuda"):
