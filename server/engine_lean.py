@@ -7,7 +7,7 @@ through every layer) and MKL's fp32 GEMM, which on this project's CPUs falls to 
 memory bandwidth for 2 to 16 rows. The projections are server/engine_linear.py's (fused weights;
 on CPU a oneDNN-packed copy). With `compiled`, CPU decode steps run everything between their
 projections (attention with its rotary embedding and K/V writes, norms with their residual adds,
-SiLU-and-multiply) through the C++ kernels of server/cpu_attention.py where they build. Used
+SiLU-and-multiply) through the C++ kernels (server/engine_kernels.py) where they build. Used
 for Llama-architecture models only (`lean_support` says why another is refused); others keep
 the HF forward.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from server import cpu_attention
+from server import cpu_attention, engine_kernels
 from server.engine_batch import Arena, PackedPrefill, attention_shape
 from server.engine_compiled import CompiledRowStep
 from server.engine_decode import (
@@ -118,7 +118,7 @@ class LeanDecode:
         device = model.device.type
         # CUDA: RMSNorm as one kernel and q/k rotated together (eager steps and prefills are
         # bound by kernel launches there); CPU keeps the modules' ops where the C++ kernels of
-        # server/cpu_attention.py did not build (with them: `_kernel_norm_layers`)
+        # server/cpu_attention.py did not build (with them: server/engine_kernels.py)
         self.fused_ops = device == "cuda"
         self.silu = model.config.hidden_act == "silu"  # the kernels' SiLU-and-multiply applies
         if compiled and device not in ("cpu", "cuda"):
@@ -136,7 +136,8 @@ class LeanDecode:
             copy if self.packed else "",
         )  # fmt: skip
         self.row_step = self._compiled_row_step(model) if compile_row else None
-        # decode attention, one row or several, through the C++ kernel (server/cpu_attention.py)
+        # the C++ kernels' module (server/cpu_attention.py): attention of one-row steps, and
+        # everything between the projections of several-row steps and prefills; None: torch ops
         self.attention_kernel = self._attention_kernel(model) if compile_row else None
         self.graphs = GraphedDecode(self) if compiled and device == "cuda" else None
         self.fused = self._fused_pieces(model) if self.graphs is not None else None
@@ -170,7 +171,7 @@ class LeanDecode:
         return row_step
 
     def _attention_kernel(self, model: torch.nn.Module) -> object | None:
-        """The built C++ attention kernel's module for this model, or None."""
+        """The built C++ kernels' module where they handle this model, or None."""
         if not cpu_attention.kernel_supports(model.dtype, self.heads, self.kv_heads, self.head_dim):
             return None
         return cpu_attention.load_kernel()
@@ -204,7 +205,9 @@ class LeanDecode:
         x = self.embed(ids)  # [B, D]
         cos, sin = self.rotary(x, pos[:, None])  # [B, 1, Dh] each
         if (kernel := self.attention_kernel) is not None:
-            return self.lm_head(self._kernel_layers(kernel, arena, lo, hi, x, pos, cos, sin))
+            return self.lm_head(
+                engine_kernels.step_layers(self, kernel, arena, lo, hi, x, pos, cos, sin)
+            )
         attend = self._eager_attend(arena, lo, hi, positions, x.dtype, pos, cos, sin)
         return self.lm_head(self._norm(self.norm, self._layers(x, attend)))  # [B, V]
 
@@ -241,62 +244,6 @@ class LeanDecode:
             return layer.o_proj(out.reshape(rows, -1))  # [B, D]
 
         return attend
-
-    def _kernel_layers(
-        self,
-        kernel: object,
-        arena: Arena,
-        lo: int,
-        hi: int,
-        x: torch.Tensor,
-        pos: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-    ) -> torch.Tensor:
-        """`step`'s layers for rows [lo, hi) with the C++ kernels (server/cpu_attention.py):
-        per layer the three projections' calls, attention (rotary and K/V writes in it), the
-        residual adds with the norms after them and SiLU-and-multiply, ~8 calls against ~40
-        ops. x [B, D] (added to in place) -> the final norm's output [B, D]."""
-        rows, b = torch.arange(lo, hi), hi - lo
-        cos, sin = cos[:, 0].contiguous(), sin[:, 0].contiguous()  # [B, Dh] each
-
-        def attend(layer: LeanLayer, h: torch.Tensor, index: int) -> torch.Tensor:
-            q, k, v = (
-                layer.qkv(h)
-                .view(b, -1, self.head_dim)
-                .split([self.heads, self.kv_heads, self.kv_heads], dim=1)
-            )  # [B, H, Dh], [B, Hkv, Dh] x2: views
-            att = cpu_attention.decode_attention(
-                kernel, arena.data[index], q, k, v, rows, pos, layer.scaling, cos, sin
-            )  # [B, H, Dh]
-            return layer.o_proj(att.view(b, -1))  # [B, D]
-
-        return self._kernel_norm_layers(kernel, x, attend)
-
-    def _kernel_norm_layers(self, kernel: object, x: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """x [N, D] (rows contiguous; added to in place) through every decoder layer with the
-        C++ kernels' RMSNorm (each after its residual add) and SiLU-and-multiply around the
-        projections; `attend(layer, normed, layer_index)` -> [N, D] -> the final norm's output
-        [N, D]."""
-        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # after each layer
-        h = cpu_attention.rms_norm(kernel, x, *self._norm_args(self.layers[0].norm_in))
-        for i, (layer, norm_next) in enumerate(zip(self.layers, norms, strict=True)):
-            h = cpu_attention.add_rms_norm(
-                kernel, x, attend(layer, h, i), *self._norm_args(layer.norm_post)
-            )
-            gate_up = layer.gate_up(h)  # [N, 2 I]
-            if self.silu:
-                h = cpu_attention.silu_mul(kernel, gate_up)  # [N, I]
-            else:
-                gate, up = gate_up.chunk(2, -1)
-                h = layer.act(gate) * up
-            delta = layer.down_proj(h)  # [N, D]
-            h = cpu_attention.add_rms_norm(kernel, x, delta, *self._norm_args(norm_next))
-        return h
-
-    @staticmethod
-    def _norm_args(norm: torch.nn.Module) -> tuple[torch.Tensor, float]:
-        return norm.weight, norm.variance_epsilon
 
     @torch.inference_mode()
     def static_step(
@@ -354,7 +301,7 @@ class LeanDecode:
 
         last = packed.last_positions(logits_of)
         if (kernel := self.attention_kernel) is not None:  # CPU: the kernels' norms and SiLU
-            return self.lm_head(self._kernel_norm_layers(kernel, x, attend)[last])
+            return self.lm_head(engine_kernels.norm_layers(self, kernel, x, attend)[last])
         with self._attention_backends():
             hidden = self._layers(x, attend)  # [N, D]
         return self.lm_head(self._norm(self.norm, hidden[last]))

@@ -61,9 +61,9 @@ class Settings(BaseSettings):
     decode_step: Literal["compiled", "lean", "hf"] = Field(
         "compiled",
         description="'lean': fused Llama step (other models use 'hf'); 'compiled': 'lean' plus,"
-        " on CPU, a one-row step compiled by inductor and decode attention in a C++ kernel"
-        " (need a C++ compiler; 10-20 s and ~30 s at the first start, then their caches; each"
-        " falls back to the lean step's own way) and, on CUDA, every decode step"
+        " on CPU, a one-row step compiled by inductor and C++ kernels for attention, norms and"
+        " SiLU (need a C++ compiler; 10-20 s and ~30 s at the first start, then their caches;"
+        " each falls back to the lean step's own way) and, on CUDA, every decode step"
         " replayed from CUDA graphs with its pointwise work fused by inductor (needs Triton); 'hf':"
         " transformers' forward",
     )
