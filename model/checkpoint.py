@@ -37,12 +37,13 @@ def save_encoder(
     prompt: PromptConfig | None = None,
     training: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `config.json` and the encoder's trainable weights (float32) into `path`."""
+    """Write `config.json` and the encoder's trainable weights into `path` (float32, or the dtype
+    `encoder.stored_dtype` names: fine-tuned Whisper layers stay float16, as Whisper came)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
     state = {
-        name: t.detach().float().cpu().contiguous()
+        name: t.detach().to("cpu", encoder.stored_dtype(name)).contiguous()
         for name, t in encoder.state_dict().items()
         if name in trainable or name not in dict(encoder.named_parameters())
     }

@@ -98,14 +98,32 @@ def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
     what trains (a Whisper encoder keeps its frozen part)."""
     if cfg.init:
         encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
-        return encoder
-    enc_cfg = encoder_preset(
-        cfg.encoder_preset,
-        kind=cfg.encoder_kind,
-        llm_hidden=llm.hidden_size,
-        **cfg.encoder_overrides,
-    )
-    return build_encoder(enc_cfg)
+    else:
+        enc_cfg = encoder_preset(
+            cfg.encoder_preset,
+            kind=cfg.encoder_kind,
+            llm_hidden=llm.hidden_size,
+            **cfg.encoder_overrides,
+        )
+        encoder = build_encoder(enc_cfg)
+    if cfg.trainable_layers is not None and cfg.trainable_layers != getattr(
+        encoder.config, "trainable_layers", cfg.trainable_layers
+    ):
+        if not hasattr(encoder, "set_trainable_layers"):
+            raise ValueError(f"trainable_layers is for whisper encoders, not {encoder.config.kind}")
+        encoder.set_trainable_layers(cfg.trainable_layers)
+    return encoder
+
+
+def param_groups(encoder: torch.nn.Module, cfg: AlignConfig) -> list[dict]:
+    """The trained parameters: the adapter (and anything new) at the schedule's rate, pretrained
+    Whisper layers at `whisper_lr_scale` of it."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in encoder.named_parameters():
+        if param.requires_grad:
+            scale = cfg.whisper_lr_scale if name.startswith("whisper.") else 1.0
+            groups.setdefault(scale, []).append(param)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
 
 
 def lr_at(step: int, cfg: AlignConfig) -> float:
@@ -197,13 +215,14 @@ def align(
             "--batch-size or add speech"
         )
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    groups = param_groups(encoder, cfg)
     ctc = None
     if cfg.ctc_weight > 0:  # its head (a blank and a scale) trains beside the encoder
         ctc = TokenTask(llm, [u.text for u in train_utts], cfg.system_prompt, cfg.ctc_min_count)
         ctc.head.to(llm.device)
-        params += list(ctc.head.parameters())
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        groups.append({"params": list(ctc.head.parameters()), "lr_scale": 1.0})
+    params = [p for g in groups for p in g["params"]]
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = resume_state(out, encoder, optim, ctc)
     log.info(
         "aligning %s encoder: %d trainable params, %d train / %d dev utterances, from step %d",
@@ -220,7 +239,7 @@ def align(
     while step < cfg.steps:
         for batch in train_loader:
             for group in optim.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg) * group["lr_scale"]
             with autocast_for(llm.device):
                 loss, stats = alignment_loss(llm, model, frame, batch, cfg, ctc)
             (loss / cfg.grad_accum).backward()

@@ -168,6 +168,12 @@ def add_align_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
     p.add_argument("--ctc-weight", type=float, default=None, help="> 0 adds token CTC")
     p.add_argument("--max-response-tokens", type=int, default=None, help="truncate targets")
+    p.add_argument(
+        "--trainable-layers", type=int, default=None, help="whisper: top layers trained too"
+    )
+    p.add_argument(
+        "--whisper-lr-scale", type=float, default=None, help="their rate / the adapter's"
+    )
 
 
 def run_align(args: argparse.Namespace) -> int:
@@ -182,6 +188,8 @@ def run_align(args: argparse.Namespace) -> int:
         kl_weight=args.kl_weight,
         ctc_weight=args.ctc_weight,
         max_response_tokens=args.max_response_tokens,
+        trainable_layers=args.trainable_layers,
+        whisper_lr_scale=args.whisper_lr_scale,
     )
     print(align(cfg, args.manifest, args.out, args.device))
     return 0

@@ -213,6 +213,10 @@ class AlignConfig:
     encoder_preset: str = "small"  # conformer sizes (model.config.ENCODER_PRESETS)
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # start from this encoder checkpoint (e.g. CTC-pretrained)
+    # whisper: train this many top Whisper layers with the adapter (None: as the preset or the
+    # init checkpoint says), at `whisper_lr_scale` times the adapter's learning rate
+    trainable_layers: int | None = None
+    whisper_lr_scale: float = 0.1
     steps: int = 2000
     batch_size: int = 16
     grad_accum: int = 1

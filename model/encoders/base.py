@@ -46,6 +46,10 @@ class AudioEncoder(nn.Module, ABC):
         emb, emb_len = self(wav, lengths)  # [1, T, D_llm]
         return emb[0, : int(emb_len[0])]  # [T, D_llm]
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype a checkpoint stores trained weight `name` in."""
+        return torch.float32
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 

@@ -13,6 +13,8 @@ joined in order before stacking (Whisper never saw more than 30 s at once).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torchaudio
 from torch import nn
@@ -68,7 +70,11 @@ class WhisperLogMel(nn.Module):
 
 
 class WhisperAudioEncoder(AudioEncoder):
-    """Whisper encoder (top `trainable_layers` trained, the rest frozen) + `FrameStacker`."""
+    """Whisper encoder (top `trainable_layers` trained, the rest frozen) + `FrameStacker`.
+
+    The frozen part (log-mel, convolutions, the bottom layers, and the final norm when no layer
+    trains) is the `front`, cacheable for training; the trained layers, the norm and the adapter
+    run on its frames."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
@@ -86,6 +92,22 @@ class WhisperAudioEncoder(AudioEncoder):
         self.trained_whisper = freeze_whisper(self.whisper, config.trainable_layers)
         self.train(self.training)
 
+    @property
+    def cut(self) -> int:
+        """Index of the first trained Whisper layer (the number of frozen ones)."""
+        return len(self.whisper.layers) - self.config.trainable_layers
+
+    def set_trainable_layers(self, trainable_layers: int) -> None:
+        """Train the top `trainable_layers` Whisper layers from now on (e.g. to fine-tune a
+        checkpoint trained with its Whisper frozen); the config records it for saving."""
+        self.trained_whisper = freeze_whisper(self.whisper, trainable_layers)
+        self.config = dataclasses.replace(self.config, trainable_layers=trainable_layers)
+        self.train(self.training)
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """Whisper's own weights come as float16 (CTranslate2); fine-tuned ones are stored so."""
+        return torch.float16 if name.startswith("whisper.") else torch.float32
+
     def train(self, mode: bool = True) -> WhisperAudioEncoder:
         """Frozen Whisper parts stay in eval mode whatever `mode` says."""
         super().train(mode)
@@ -101,42 +123,34 @@ class WhisperAudioEncoder(AudioEncoder):
         (embeddings [B, T, D_llm], lengths [B] valid embeddings per row).
 
         With `precomputed`, the inputs are `front()` outputs [B, T_enc, D] and frame lengths."""
-        if precomputed:
-            if not self.front_frozen:
-                raise ValueError(
-                    "precomputed frames need a fully frozen Whisper (trainable_layers 0)"
-                )
-            return self.adapter(waveforms, lengths)  # [B, T, D_llm], [B]
-        return self.adapter(*self.encode(waveforms, lengths))  # [B, T, D_llm], [B]
+        if not precomputed:
+            waveforms, lengths = self.front_frames(waveforms, lengths)  # [B, T_enc, D], [B]
+        return self.adapter(*self.top(waveforms, lengths))  # [B, T, D_llm], [B]
 
     @property
     def front_frozen(self) -> bool:
-        return not self.trained_whisper
+        return True  # the front stops below the first trained layer
 
     def front(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The frozen Whisper encoder's frames [B, T_enc, D] and lengths [B], for caching."""
-        if not self.front_frozen:
-            raise ValueError(
-                "only a fully frozen Whisper (trainable_layers 0) has a cacheable front"
-            )
+        """The frozen part's frames [B, T_enc, D] and lengths [B], for caching."""
         with torch.no_grad():
-            return self.encode(waveforms, lengths)
+            return self.front_frames(waveforms, lengths)
 
-    def encode(
+    def front_frames(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """waveforms [B, T_wav], lengths [B] -> (Whisper frames [B, T_enc, D], lengths [B])."""
+        """waveforms [B, T_wav], lengths [B] -> (frozen-part frames [B, T_enc, D], lengths [B])."""
         if waveforms.shape[1] <= WINDOW_SAMPLES:
-            return self.encode_window(waveforms, lengths)  # [B, T_enc, D]
-        return self.encode_long(waveforms, lengths)  # [B, T_enc, D]
+            return self.front_window(waveforms, lengths)  # [B, T_enc, D]
+        return self.front_long(waveforms, lengths)  # [B, T_enc, D]
 
-    def encode_window(
+    def front_window(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clips of at most 30 s [B, T_wav] -> (Whisper frames [B, T_enc, D], zero past each row's
-        length, and lengths [B] frames)."""
+        """Clips of at most 30 s [B, T_wav] -> (frozen-part frames [B, T_enc, D], zero past each
+        row's length, and lengths [B] frames)."""
         enc = self.whisper
         mel, mel_lengths = self.log_mel(waveforms, lengths)  # [B, F, T_mel], [B]
         mel = mel.to(enc.conv1.weight.dtype)  # [B, F, T_mel]
@@ -145,18 +159,46 @@ class WhisperAudioEncoder(AudioEncoder):
         x = nn.functional.gelu(enc.conv1(mel)) * mel_ok  # [B, D, T_mel]
         x = nn.functional.gelu(enc.conv2(x)).transpose(1, 2)  # [B, T_enc, D]
         frame_lengths = torch.div(mel_lengths - 1, CONV_STRIDE, rounding_mode="floor") + 1  # [B]
-        t_enc = x.shape[1]
-        x = x + enc.embed_positions.weight[:t_enc]  # [B, T_enc, D]
-        frame_ok = lengths_to_mask(frame_lengths, t_enc)  # [B, T_enc]
+        x = x + enc.embed_positions.weight[: x.shape[1]]  # [B, T_enc, D]
+        return self.run_layers(x, frame_lengths, enc.layers[: self.cut], not self.trained_whisper)
+
+    def top(self, frames: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Front frames [B, T_enc, D] -> the trained layers' and the final norm's [B, T_enc, D]
+        (nothing when no layer trains); each 30 s window attends within itself, as in front."""
+        if not self.trained_whisper:
+            return frames, lengths
+        if frames.shape[1] <= WINDOW_FRAMES:
+            return self.run_layers(frames, lengths, self.whisper.layers[self.cut :], True)
+        b, t, d = frames.shape
+        n_win = -(-t // WINDOW_FRAMES)
+        padded = nn.functional.pad(frames, (0, 0, 0, n_win * WINDOW_FRAMES - t))  # [B, W*1500, D]
+        windows = padded.reshape(b * n_win, WINDOW_FRAMES, d)  # [B * W, 1500, D]
+        starts = torch.arange(n_win, device=lengths.device) * WINDOW_FRAMES  # [W]
+        win_lengths = (lengths[:, None] - starts).clamp(0, WINDOW_FRAMES).reshape(-1)  # [B * W]
+        keep = (win_lengths > 0) | (starts == 0).repeat(b)  # [B * W]
+        out, _ = self.run_layers(
+            windows[keep], win_lengths[keep], self.whisper.layers[self.cut :], True
+        )  # [B_kept, 1500, D]
+        full = windows.new_zeros(windows.shape)  # [B * W, 1500, D]
+        full[keep] = out
+        return full.reshape(b, n_win * WINDOW_FRAMES, d)[:, :t], lengths  # [B, T_enc, D], [B]
+
+    def run_layers(
+        self, x: torch.Tensor, lengths: torch.Tensor, layers: nn.ModuleList, norm: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T_enc, D] through `layers` (then the final norm if `norm`), padded frames masked
+        out of attention and zeroed at the end -> ([B, T_enc, D], lengths [B])."""
+        frame_ok = lengths_to_mask(lengths, x.shape[1])  # [B, T_enc]
         bias = torch.zeros(frame_ok.shape, dtype=x.dtype, device=x.device)  # [B, T_enc]
         bias = bias.masked_fill(~frame_ok, torch.finfo(x.dtype).min)  # [B, T_enc]
         bias = bias[:, None, None, :]  # [B, 1, 1, T_enc], additive key mask for every head
-        for layer in enc.layers:
+        for layer in layers:
             x = layer(x, bias)  # [B, T_enc, D]
-        x = enc.layer_norm(x) * frame_ok[..., None]  # [B, T_enc, D]
-        return x, frame_lengths
+        if norm:
+            x = self.whisper.layer_norm(x)  # [B, T_enc, D]
+        return x * frame_ok[..., None], lengths  # [B, T_enc, D], [B]
 
-    def encode_long(
+    def front_long(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clips over 30 s [B, T_wav] -> 30 s windows encoded as rows, frames joined per clip."""
@@ -168,7 +210,7 @@ class WhisperAudioEncoder(AudioEncoder):
         starts = torch.arange(n_win, device=lengths.device) * WINDOW_SAMPLES  # [W]
         win_lengths = (lengths[:, None] - starts).clamp(0, WINDOW_SAMPLES)  # [B, W]
         keep = ((win_lengths > 0) | (starts == 0)).reshape(-1)  # [B * W]
-        frames, frame_lengths = self.encode_window(windows[keep], win_lengths.reshape(-1)[keep])
+        frames, frame_lengths = self.front_window(windows[keep], win_lengths.reshape(-1)[keep])
         # frames: [B_kept, T_enc, D], frame_lengths: [B_kept]
         full = frames.new_zeros(b * n_win, WINDOW_FRAMES, frames.shape[2])  # [B * W, 1500, D]
         full[keep, : frames.shape[1]] = frames  # [B * W, 1500, D]

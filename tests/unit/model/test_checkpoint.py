@@ -66,3 +66,32 @@ def test_not_a_checkpoint(tmp_path, tiny_llm):
     (tmp_path / "encoder.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointFormatError, match="unknown format"):
         load_encoder(tmp_path, tiny_llm)
+
+
+def test_fine_tuned_whisper_layers_are_stored_in_float16_and_reload(tmp_path, tiny_llm):
+    from safetensors.torch import load_file
+
+    from model.config import EncoderConfig
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(
+        kind="whisper", whisper_source="tiny-random", llm_hidden=tiny_llm.hidden_size,
+        adapter_hidden=32, trainable_layers=1,
+    )  # fmt: skip
+    encoder = build_encoder(cfg).eval()
+    with torch.no_grad():  # a fine-tuned top layer: not what `whisper_source` rebuilds
+        encoder.whisper.layers[-1].fc1.weight.add_(0.05)
+    save_encoder(tmp_path, encoder, tiny_llm.identity)
+    saved = load_file(str(tmp_path / "encoder.safetensors"))
+    assert saved["whisper.layers.1.fc1.weight"].dtype == torch.float16
+    assert saved["adapter.proj.1.weight"].dtype == torch.float32
+    assert "whisper.layers.0.fc1.weight" not in saved  # frozen: rebuilt from the source
+    loaded, _, _ = load_encoder(tmp_path, tiny_llm)
+    assert loaded.config.trainable_layers == 1
+    torch.testing.assert_close(
+        loaded.whisper.layers[-1].fc1.weight, encoder.whisper.layers[-1].fc1.weight.half().float()
+    )
+    wav = torch.randn(16000) * 0.1  # [T_wav]
+    torch.testing.assert_close(
+        loaded.encode_one(wav), encoder.encode_one(wav), atol=2e-3, rtol=2e-3
+    )

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.audio import encode_wav
-from model.config import SAMPLE_RATE, EncoderConfig
+from model.config import SAMPLE_RATE, EncoderConfig, encoder_preset
+from model.encoders.base import build_encoder
 from model.encoders.whisper import WhisperAudioEncoder
 from training.batches import pad_waveforms
 from training.frame_cache import FrameCache, front_digest, length_batches
@@ -53,12 +54,37 @@ def test_adapter_on_front_frames_equals_the_whole_encoder() -> None:
     torch.testing.assert_close(cached, whole)
 
 
-def test_a_trained_front_cannot_be_cached() -> None:
-    enc = tiny_whisper(trainable_layers=1)
+@pytest.mark.parametrize("seconds", [[1.3, 0.7], [31.0, 2.0]])  # one window; two, and one
+def test_trained_top_layers_on_front_frames_equal_the_whole_encoder(seconds) -> None:
+    torch.manual_seed(0)
+    enc = tiny_whisper(trainable_layers=1).eval()
+    assert enc.front_frozen  # the front stops below the trained layer
+    wavs, lengths = pad_waveforms([chirp(s, 300.0 + 100 * i) for i, s in enumerate(seconds)])
+    with torch.no_grad():
+        whole, whole_len = enc(wavs, lengths)
+        frames, frame_len = enc.front(wavs, lengths)  # [B, T_enc, D], before the trained layer
+        cached, cached_len = enc(frames, frame_len, precomputed=True)
+    assert torch.equal(whole_len, cached_len)
+    torch.testing.assert_close(cached, whole)
+    # the same weights with nothing trained give the same embeddings: only the split moved
+    frozen = tiny_whisper().eval()
+    frozen.adapter.load_state_dict(enc.adapter.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(wavs, lengths)[0], whole)
+    # over 30 s, each window's trained layers attend within the window, as the frozen ones do
+    assert (frame_len.max() > 1500) == (max(seconds) > 30)
+
+
+def test_fronts_cut_at_different_layers_get_different_folders() -> None:
+    assert front_digest(tiny_whisper()) != front_digest(tiny_whisper(trainable_layers=1))
+    assert front_digest(tiny_whisper(trainable_layers=1)) == front_digest(
+        tiny_whisper(trainable_layers=1)
+    )
+
+
+def test_an_encoder_without_a_frozen_front_cannot_be_cached() -> None:
+    enc = build_encoder(encoder_preset("tiny", kind="conformer", llm_hidden=48))
     assert not enc.front_frozen
-    wav = chirp(0.5, 300.0)[None]  # [1, T_wav]
-    with pytest.raises(ValueError, match="trainable_layers"):
-        enc.front(wav, torch.tensor([wav.shape[1]]))
     with pytest.raises(ValueError, match="cannot cache"):
         FrameCache("unused", enc, 30.0)
 

@@ -238,6 +238,45 @@ def test_init_from_a_whisper_checkpoint_keeps_whisper_frozen(tiny_llm, tiny_llm_
     assert trainable and len(trainable) < len(list(encoder.parameters()))
 
 
+def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
+    corpus: Path, tiny_llm, tiny_llm_dir, tmp_path
+):
+    from model.checkpoint import load_encoder, save_encoder
+    from model.config import EncoderConfig
+    from model.encoders import build_encoder
+    from training.align import build_encoder_for, param_groups
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(kind="whisper", whisper_source="tiny-random", llm_hidden=64)
+    save_encoder(tmp_path / "enc", build_encoder(cfg), tiny_llm.identity)  # adapter-only
+    frames = tmp_path / "frames"
+    align_cfg = AlignConfig(
+        llm=str(tiny_llm_dir), init=str(tmp_path / "enc"), trainable_layers=1,
+        whisper_lr_scale=0.5, frame_cache=str(frames), steps=3, batch_size=4, warmup_steps=1,
+        num_workers=0, eval_every=3, max_response_tokens=8,
+    )  # fmt: skip
+    encoder = build_encoder_for(align_cfg, tiny_llm)
+    groups = {g["lr_scale"]: g["params"] for g in param_groups(encoder, align_cfg)}
+    assert {id(p) for p in groups[0.5]} == {
+        id(p) for p in encoder.whisper.parameters() if p.requires_grad
+    }
+    assert groups[0.5] and {id(p) for p in groups[1.0]} == {
+        id(p) for p in encoder.adapter.parameters()
+    }
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    out = align(align_cfg, manifests, tmp_path / "run")
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["dev_ce"] > 0
+    n_utts = len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
+    assert len(list(frames.rglob("*.npy"))) == n_utts  # frames below the trained layer
+    tuned, _, _ = load_encoder(out / "encoder", tiny_llm.identity, device="cpu")
+    assert tuned.config.trainable_layers == 1
+    start = build_encoder(cfg)
+    moved = tuned.whisper.layers[-1].fc1.weight - start.whisper.layers[-1].fc1.weight
+    assert moved.abs().max() > 0  # the top layer trained (and was saved)
+    assert torch.equal(tuned.whisper.layers[0].fc1.weight, start.whisper.layers[0].fc1.weight)
+
+
 def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp_path):
     cfg = tiny_conformer_align(
         tiny_llm_dir, steps=5, eval_every=5, save_every=5, ctc_weight=1.0, ctc_min_count=1
