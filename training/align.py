@@ -239,7 +239,7 @@ def align(
     while step < cfg.steps:
         for batch in train_loader:
             for group in optim.param_groups:
-                group["lr"] = lr_at(step, cfg) * group["lr_scale"]
+                group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)  # older states: 1 group
             with autocast_for(llm.device):
                 loss, stats = alignment_loss(llm, model, frame, batch, cfg, ctc)
             (loss / cfg.grad_accum).backward()

@@ -1,5 +1,6 @@
-"""Cached outputs of an encoder's frozen front (Whisper's encoder), computed once per utterance, so
-alignment and token-CTC steps pay only for the trained adapter (and the LLM), not for Whisper.
+"""Cached outputs of an encoder's frozen front (Whisper's log-mel, convolutions and every layer
+below the first trained one), computed once per utterance, so alignment and token-CTC steps pay
+only for the trained part (and the LLM), not for the frozen Whisper.
 
 One float16 `.npy` per utterance under `root/<front digest>/`, named by a hash of the audio file's
 path, size, mtime and the clip limit: new weights or a rewritten file never read stale frames.
