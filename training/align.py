@@ -115,17 +115,6 @@ def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
     return encoder
 
 
-def param_groups(encoder: torch.nn.Module, cfg: AlignConfig) -> list[dict]:
-    """The trained parameters: the adapter (and anything new) at the schedule's rate, pretrained
-    Whisper layers at `whisper_lr_scale` of it."""
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for name, param in encoder.named_parameters():
-        if param.requires_grad:
-            scale = cfg.whisper_lr_scale if name.startswith("whisper.") else 1.0
-            groups.setdefault(scale, []).append(param)
-    return [{"params": ps, "lr_scale": scale} for scale, ps in groups.items()]
-
-
 def lr_at(step: int, cfg: AlignConfig) -> float:
     """Linear warm-up then cosine decay to 10% of the peak."""
     if step < cfg.warmup_steps:
@@ -215,7 +204,7 @@ def align(
             "--batch-size or add speech"
         )
     model = DistributedDataParallel(encoder) if dist.is_initialized() else encoder
-    groups = param_groups(encoder, cfg)
+    groups = encoder.lr_groups(cfg.whisper_lr_scale)  # Whisper's own layers slower
     ctc = None
     if cfg.ctc_weight > 0:  # its head (a blank and a scale) trains beside the encoder
         ctc = TokenTask(llm, [u.text for u in train_utts], cfg.system_prompt, cfg.ctc_min_count)

@@ -198,12 +198,14 @@ def pretrain_ctc(
         drop_last=shuffle,
     )
     train, dev = make((None, "train"), True), make(("dev",), False)
-    params = [p for p in encoder.parameters() if p.requires_grad]
+    groups = encoder.lr_groups(cfg.whisper_lr_scale)  # Whisper's own layers slower
     if task.head is not None:
         task.head.to(dev_t)
-        params += list(task.head.parameters())
-    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+        groups.append({"params": list(task.head.parameters()), "lr_scale": 1.0})
+    params = [p for g in groups for p in g["params"]]
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    peaks = [cfg.lr * g["lr_scale"] for g in groups]
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, peaks, total_steps=cfg.steps, pct_start=0.1)
     log.info(
         "CTC pretraining (%s) of a %s encoder: %d train / %d dev utterances",
         task.name,

@@ -53,6 +53,20 @@ class AudioEncoder(nn.Module, ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def lr_groups(self, pretrained_scale: float) -> list[dict]:
+        """Optimizer groups of the trained parameters, each with its `lr_scale`: weights that
+        came pretrained train at `pretrained_scale` of the schedule's rate, new ones at 1."""
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                scale = pretrained_scale if self.pretrained(name) else 1.0
+                groups.setdefault(scale, []).append(param)
+        return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+    def pretrained(self, name: str) -> bool:
+        """Whether weight `name` starts from pretrained values (not trained from scratch)."""
+        return False
+
 
 class FrameStacker(nn.Module):
     """Stacks k consecutive frames, then projects to the LLM width (ultravox-style projector)."""

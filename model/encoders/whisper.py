@@ -104,6 +104,9 @@ class WhisperAudioEncoder(AudioEncoder):
         self.config = dataclasses.replace(self.config, trainable_layers=trainable_layers)
         self.train(self.training)
 
+    def pretrained(self, name: str) -> bool:
+        return name.startswith("whisper.")
+
     def stored_dtype(self, name: str) -> torch.dtype:
         """Whisper's own weights come as float16 (CTranslate2); fine-tuned ones are stored so."""
         return torch.float16 if name.startswith("whisper.") else torch.float32

@@ -244,7 +244,7 @@ def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
     from model.checkpoint import load_encoder, save_encoder
     from model.config import EncoderConfig
     from model.encoders import build_encoder
-    from training.align import build_encoder_for, param_groups
+    from training.align import build_encoder_for
 
     torch.manual_seed(0)
     cfg = EncoderConfig(kind="whisper", whisper_source="tiny-random", llm_hidden=64)
@@ -256,7 +256,7 @@ def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
         num_workers=0, eval_every=3, max_response_tokens=8,
     )  # fmt: skip
     encoder = build_encoder_for(align_cfg, tiny_llm)
-    groups = {g["lr_scale"]: g["params"] for g in param_groups(encoder, align_cfg)}
+    groups = {g["lr_scale"]: g["params"] for g in encoder.lr_groups(0.5)}
     assert {id(p) for p in groups[0.5]} == {
         id(p) for p in encoder.whisper.parameters() if p.requires_grad
     }
@@ -267,6 +267,8 @@ def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
     out = align(align_cfg, manifests, tmp_path / "run")
     record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 3 and record["dev_ce"] > 0
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert sorted(g["lr_scale"] for g in state["optim"]["param_groups"]) == [0.5, 1.0]
     n_utts = len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
     assert len(list(frames.rglob("*.npy"))) == n_utts  # frames below the trained layer
     tuned, _, _ = load_encoder(out / "encoder", tiny_llm.identity, device="cpu")
@@ -275,6 +277,17 @@ def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
     moved = tuned.whisper.layers[-1].fc1.weight - start.whisper.layers[-1].fc1.weight
     assert moved.abs().max() > 0  # the top layer trained (and was saved)
     assert torch.equal(tuned.whisper.layers[0].fc1.weight, start.whisper.layers[0].fc1.weight)
+    # token CTC from it trains the same layer, on the same cached frames
+    ctc = CTCConfig(
+        llm=str(tiny_llm_dir), encoder_kind="whisper", init=str(out / "encoder"), steps=2,
+        batch_size=4, eval_every=2, num_workers=0, frame_cache=str(frames),
+        whisper_lr_scale=0.5,
+    )  # fmt: skip
+    ctc_dir = pretrain_ctc(ctc, manifests, tmp_path / "ctc")
+    again, _, _ = load_encoder(ctc_dir, tiny_llm.identity, device="cpu")
+    assert again.config.trainable_layers == 1
+    assert not torch.equal(again.whisper.layers[-1].fc1.weight, tuned.whisper.layers[-1].fc1.weight)
+    assert len(list(frames.rglob("*.npy"))) == n_utts
 
 
 def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp_path):
