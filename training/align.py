@@ -39,7 +39,7 @@ from training.batches import (
     response_logits,
     text_turns,
 )
-from training.config import AlignConfig
+from training.config import AlignConfig, CTCConfig
 from training.frame_cache import cached_frames
 from training.manifest import read_manifest
 from training.plots import plot_curves
@@ -92,10 +92,10 @@ def alignment_loss(
     return loss + cfg.kl_weight * kl, stats
 
 
-def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
+def build_encoder_for(cfg: AlignConfig | CTCConfig, llm: LoadedLLM) -> torch.nn.Module:
     """A fresh encoder from the recipe, or the one in `cfg.init` (a checkpoint directory, e.g.
     CTC-pretrained, or "default": the shipped one); either way the encoder's own policy decides
-    what trains (a Whisper encoder keeps its frozen part)."""
+    what trains (a Whisper encoder keeps its frozen part, `cfg.trainable_layers` may move it)."""
     if cfg.init:
         encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
     else:
@@ -106,9 +106,7 @@ def build_encoder_for(cfg: AlignConfig, llm: LoadedLLM) -> torch.nn.Module:
             **cfg.encoder_overrides,
         )
         encoder = build_encoder(enc_cfg)
-    if cfg.trainable_layers is not None and cfg.trainable_layers != getattr(
-        encoder.config, "trainable_layers", cfg.trainable_layers
-    ):
+    if cfg.trainable_layers not in (None, encoder.config.trainable_layers):
         if not hasattr(encoder, "set_trainable_layers"):
             raise ValueError(f"trainable_layers is for whisper encoders, not {encoder.config.kind}")
         encoder.set_trainable_layers(cfg.trainable_layers)

@@ -257,6 +257,7 @@ class CTCConfig:
     encoder_preset: str = "small"
     encoder_overrides: dict[str, Any] = field(default_factory=dict)
     init: str | None = None  # whisper: start from this encoder checkpoint
+    trainable_layers: int | None = None  # whisper: as AlignConfig's (None: as preset or init)
     whisper_lr_scale: float = 0.1  # whisper: trained Whisper layers' rate / the adapter's
     min_token_count: int = 2  # whisper: LLM tokens rarer than this in train text are not targets
     steps: int = 4000

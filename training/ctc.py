@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from model.checkpoint import load_encoder, resolve_encoder_path, save_encoder
+from model.checkpoint import save_encoder
 from model.config import encoder_preset
 from model.encoders import build_encoder
 from model.llm import LoadedLLM, load_llm
-from training.align import autocast_for, out_of_time
+from training.align import autocast_for, build_encoder_for, out_of_time
 from training.batches import pad_waveforms, read_input
 from training.config import CTCConfig
 from training.frame_cache import FrameCache, cached_frames
@@ -156,18 +156,9 @@ def build_task_and_encoder(cfg: CTCConfig, llm: LoadedLLM, utts: list[Utterance]
             **cfg.encoder_overrides,
         )
         return CharTask(), build_encoder(enc_cfg)
-    if cfg.init:
-        encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
-    else:
-        enc_cfg = encoder_preset(
-            cfg.encoder_preset,
-            kind=cfg.encoder_kind,
-            llm_hidden=llm.hidden_size,
-            **cfg.encoder_overrides,
-        )
-        encoder = build_encoder(enc_cfg)
     texts = [u.text for u in utts if u.split in (None, "train")]
-    return TokenTask(llm, texts, cfg.system_prompt, cfg.min_token_count), encoder
+    task = TokenTask(llm, texts, cfg.system_prompt, cfg.min_token_count)
+    return task, build_encoder_for(cfg, llm)
 
 
 def pretrain_ctc(
