@@ -109,7 +109,7 @@ class WhisperAudioEncoder(AudioEncoder):
 
     def stored_dtype(self, name: str) -> torch.dtype:
         """Whisper's own weights come as float16 (CTranslate2); fine-tuned ones are stored so."""
-        return torch.float16 if name.startswith("whisper.") else torch.float32
+        return torch.float16 if self.pretrained(name) else torch.float32
 
     def train(self, mode: bool = True) -> WhisperAudioEncoder:
         """Frozen Whisper parts stay in eval mode whatever `mode` says."""
@@ -173,18 +173,14 @@ class WhisperAudioEncoder(AudioEncoder):
         if frames.shape[1] <= WINDOW_FRAMES:
             return self.run_layers(frames, lengths, self.whisper.layers[self.cut :], True)
         b, t, d = frames.shape
-        n_win = -(-t // WINDOW_FRAMES)
-        padded = nn.functional.pad(frames, (0, 0, 0, n_win * WINDOW_FRAMES - t))  # [B, W*1500, D]
-        windows = padded.reshape(b * n_win, WINDOW_FRAMES, d)  # [B * W, 1500, D]
-        starts = torch.arange(n_win, device=lengths.device) * WINDOW_FRAMES  # [W]
-        win_lengths = (lengths[:, None] - starts).clamp(0, WINDOW_FRAMES).reshape(-1)  # [B * W]
-        keep = (win_lengths > 0) | (starts == 0).repeat(b)  # [B * W]
+        windows, win_lengths, keep = split_windows(frames, lengths, WINDOW_FRAMES)
+        # windows: [B * W, 1500, D], win_lengths and keep: [B * W]
         out, _ = self.run_layers(
             windows[keep], win_lengths[keep], self.whisper.layers[self.cut :], True
         )  # [B_kept, 1500, D]
         full = windows.new_zeros(windows.shape)  # [B * W, 1500, D]
         full[keep] = out
-        return full.reshape(b, n_win * WINDOW_FRAMES, d)[:, :t], lengths  # [B, T_enc, D], [B]
+        return full.reshape(b, -1, d)[:, :t], lengths  # [B, T_enc, D], [B]
 
     def run_layers(
         self, x: torch.Tensor, lengths: torch.Tensor, layers: nn.ModuleList, norm: bool
@@ -206,14 +202,10 @@ class WhisperAudioEncoder(AudioEncoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Clips over 30 s [B, T_wav] -> 30 s windows encoded as rows, frames joined per clip."""
         b = waveforms.shape[0]
-        n_win = -(-waveforms.shape[1] // WINDOW_SAMPLES)
-        padded = nn.functional.pad(waveforms, (0, n_win * WINDOW_SAMPLES - waveforms.shape[1]))
-        # padded: [B, W * WINDOW_SAMPLES]
-        windows = padded.reshape(b * n_win, WINDOW_SAMPLES)  # [B * W, WINDOW_SAMPLES]
-        starts = torch.arange(n_win, device=lengths.device) * WINDOW_SAMPLES  # [W]
-        win_lengths = (lengths[:, None] - starts).clamp(0, WINDOW_SAMPLES)  # [B, W]
-        keep = ((win_lengths > 0) | (starts == 0)).reshape(-1)  # [B * W]
-        frames, frame_lengths = self.front_window(windows[keep], win_lengths.reshape(-1)[keep])
+        windows, win_lengths, keep = split_windows(waveforms, lengths, WINDOW_SAMPLES)
+        # windows: [B * W, WINDOW_SAMPLES], win_lengths and keep: [B * W]
+        n_win = windows.shape[0] // b
+        frames, frame_lengths = self.front_window(windows[keep], win_lengths[keep])
         # frames: [B_kept, T_enc, D], frame_lengths: [B_kept]
         full = frames.new_zeros(b * n_win, WINDOW_FRAMES, frames.shape[2])  # [B * W, 1500, D]
         full[keep, : frames.shape[1]] = frames  # [B * W, 1500, D]
@@ -223,6 +215,22 @@ class WhisperAudioEncoder(AudioEncoder):
         out_lengths = all_lengths.reshape(b, n_win).sum(dim=1)  # [B]
         out = full.reshape(b, n_win * WINDOW_FRAMES, -1)  # [B, W * 1500, D]
         return out[:, : int(out_lengths.max())], out_lengths  # [B, T_enc, D], [B]
+
+
+def split_windows(
+    x: torch.Tensor, lengths: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, ...] (rows valid up to `lengths` [B]) zero-padded and cut into `size`-long
+    windows -> (windows [B * W, size, ...], their valid lengths [B * W], keep [B * W]: the
+    windows with content, and each row's first even when empty)."""
+    b, t = x.shape[:2]
+    n_win = -(-t // size)
+    pad = [0, 0] * (x.ndim - 2) + [0, n_win * size - t]  # the time axis only
+    windows = nn.functional.pad(x, pad).reshape(b * n_win, size, *x.shape[2:])
+    starts = torch.arange(n_win, device=lengths.device) * size  # [W]
+    win_lengths = (lengths[:, None] - starts).clamp(0, size)  # [B, W]
+    keep = (win_lengths > 0) | (starts == 0)  # [B, W]
+    return windows, win_lengths.reshape(-1), keep.reshape(-1)
 
 
 def freeze_whisper(whisper: nn.Module, trainable_layers: int) -> list[nn.Module]:
