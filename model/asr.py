@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
-from transformers.modeling_outputs import BaseModelOutput
 
 from model.config import SAMPLE_RATE
 from model.errors import CheckpointFormatError
@@ -93,19 +92,7 @@ class WhisperASR:
     @classmethod
     def from_source(cls, source: str = "default", device: str = "cpu") -> WhisperASR:
         """ "default" (bundled tiny.en), "tiny-random" (bundled tokenizer) or a local HF dir."""
-        model, config = load_whisper(source)
-        if source in ("default", "tiny-random"):
-            ct2_dir = default_ct2_dir()
-            ct2 = read_ct2_config(ct2_dir)
-            tokenizer = Tokenizer.from_file(str(ct2_dir / "tokenizer.json"))
-            suppress, begin = ct2["suppress_ids"], ct2["suppress_ids_begin"]
-        else:
-            tokenizer = Tokenizer.from_file(str(Path(source).expanduser() / "tokenizer.json"))
-            gen = model.generation_config
-            suppress = list(gen.suppress_tokens or config.suppress_tokens or [])
-            begin = list(gen.begin_suppress_tokens or config.begin_suppress_tokens or [])
-        tokens = build_decoding_tokens(tokenizer, config.vocab_size, suppress, begin)
-        return cls(model, tokenizer, tokens, device)
+        return cls(*load_whisper_decoding(source), device)
 
     def transcribe(self, waveform: torch.Tensor) -> str:
         """Mono 16 kHz float waveform [T_wav] -> text; over 30 s is decoded in 30 s windows."""
@@ -141,32 +128,64 @@ class WhisperASR:
 
     def decode_greedy(self, enc: torch.Tensor) -> list[list[int]]:
         """Encoder states [B, T_enc, D] -> generated ids per window, up to <|endoftext|>."""
-        b = enc.shape[0]
-        encoder_outputs = BaseModelOutput(last_hidden_state=enc)
-        prompt = torch.tensor(self.tokens.prompt, device=self.device)  # [L0]
-        inputs = prompt.expand(b, -1)  # [B, L0]
-        suppress = torch.tensor(self.tokens.suppress, device=self.device)  # [S]
-        begin = torch.tensor(self.tokens.suppress_begin, device=self.device)  # [S0]
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)  # [B]
-        out_ids: list[torch.Tensor] = []
-        cache = None
-        for step in range(self.max_new_tokens):
-            out = self.model(
-                encoder_outputs=encoder_outputs,
-                decoder_input_ids=inputs,
-                cache=cache,
-                use_cache=True,
-            )
-            cache = out.cache
-            logits = out.logits[:, -1].float()  # [B, V]
-            logits[:, suppress] = -torch.inf
-            if step == 0:
-                logits[:, begin] = -torch.inf
-            next_ids = logits.argmax(dim=-1).masked_fill(done, self.tokens.end)  # [B]
-            out_ids.append(next_ids)
-            done |= next_ids == self.tokens.end
-            if bool(done.all()):
-                break
-            inputs = next_ids[:, None]  # [B, 1]
-        ids = torch.stack(out_ids, dim=1).tolist()  # [B, L]
-        return [seq[: seq.index(self.tokens.end)] if self.tokens.end in seq else seq for seq in ids]
+        ids, _ = greedy_decode(self.model, self.tokens, enc, self.max_new_tokens)
+        return ids
+
+
+def load_whisper_decoding(
+    source: str,
+) -> tuple[WhisperForConditionalGeneration, Tokenizer, DecodingTokens]:
+    """Whisper, its tokenizer and the ids greedy decoding needs, from "default" (bundled tiny.en),
+    "tiny-random" (bundled tokenizer) or a local HF dir."""
+    model, config = load_whisper(source)
+    if source in ("default", "tiny-random"):
+        ct2_dir = default_ct2_dir()
+        ct2 = read_ct2_config(ct2_dir)
+        tokenizer = Tokenizer.from_file(str(ct2_dir / "tokenizer.json"))
+        suppress, begin = ct2["suppress_ids"], ct2["suppress_ids_begin"]
+    else:
+        tokenizer = Tokenizer.from_file(str(Path(source).expanduser() / "tokenizer.json"))
+        gen = model.generation_config
+        suppress = list(gen.suppress_tokens or config.suppress_tokens or [])
+        begin = list(gen.begin_suppress_tokens or config.begin_suppress_tokens or [])
+    return model, tokenizer, build_decoding_tokens(tokenizer, config.vocab_size, suppress, begin)
+
+
+def greedy_decode(
+    model: WhisperForConditionalGeneration,
+    tokens: DecodingTokens,
+    enc: torch.Tensor,
+    max_new_tokens: int,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Encoder states [B, T_enc, D] -> (generated ids per window, up to <|endoftext|>; the
+    decoder's final states [B, L, D], step l's being the one that chose token l)."""
+    b = enc.shape[0]
+    device = enc.device
+    prompt = torch.tensor(tokens.prompt, device=device)  # [L0]
+    inputs = prompt.expand(b, -1)  # [B, L0]
+    suppress = torch.tensor(tokens.suppress, device=device)  # [S]
+    begin = torch.tensor(tokens.suppress_begin, device=device)  # [S0]
+    done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
+    out_ids: list[torch.Tensor] = []
+    states: list[torch.Tensor] = []
+    cache = None
+    for step in range(max_new_tokens):
+        out = model.model.decoder(
+            input_ids=inputs, encoder_hidden_states=enc, cache=cache, use_cache=True
+        )
+        cache = out.cache
+        state = out.last_hidden_state[:, -1]  # [B, D]
+        logits = model.proj_out(state).float()  # [B, V]
+        logits[:, suppress] = -torch.inf
+        if step == 0:
+            logits[:, begin] = -torch.inf
+        next_ids = logits.argmax(dim=-1).masked_fill(done, tokens.end)  # [B]
+        out_ids.append(next_ids)
+        states.append(state)
+        done |= next_ids == tokens.end
+        if bool(done.all()):
+            break
+        inputs = next_ids[:, None]  # [B, 1]
+    ids = torch.stack(out_ids, dim=1).tolist()  # [B, L]
+    trimmed = [seq[: seq.index(tokens.end)] if tokens.end in seq else seq for seq in ids]
+    return trimmed, torch.stack(states, dim=1)  # [B, L, D]
