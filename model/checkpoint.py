@@ -41,11 +41,11 @@ def save_encoder(
     `encoder.stored_dtype` names: fine-tuned Whisper layers stay float16, as Whisper came)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}
+    params = dict(encoder.named_parameters(remove_duplicate=False))  # tied weights too
     state = {
         name: t.detach().to("cpu", encoder.stored_dtype(name)).contiguous()
         for name, t in encoder.state_dict().items()
-        if name in trainable or name not in dict(encoder.named_parameters())
+        if name not in params or params[name].requires_grad
     }
     config = {
         "format_version": FORMAT_VERSION,
@@ -100,7 +100,10 @@ def load_encoder(
     config = read_config(path)
     actual = llm.identity if isinstance(llm, LoadedLLM) else llm
     check_llm(LLMIdentity(**config["llm"]), actual, path)
-    encoder = build_encoder(EncoderConfig.from_dict(config["encoder"]))
+    enc_config = EncoderConfig.from_dict(config["encoder"])
+    if enc_config.kind == "whisper_decoder" and not isinstance(llm, LoadedLLM):
+        raise CheckpointFormatError(f"{path}: a whisper_decoder encoder loads with its LLM itself")
+    encoder = build_encoder(enc_config, llm if isinstance(llm, LoadedLLM) else None)
     state = load_file(str(path / WEIGHTS_FILE))
     result = encoder.load_state_dict(state, strict=False)
     trainable = {n for n, p in encoder.named_parameters() if p.requires_grad}

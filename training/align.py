@@ -97,7 +97,7 @@ def build_encoder_for(cfg: AlignConfig | CTCConfig, llm: LoadedLLM) -> torch.nn.
     CTC-pretrained, or "default": the shipped one); either way the encoder's own policy decides
     what trains (a Whisper encoder keeps its frozen part, `cfg.trainable_layers` may move it)."""
     if cfg.init:
-        encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm.identity, device="cpu")
+        encoder, _, _ = load_encoder(resolve_encoder_path(cfg.init), llm, device="cpu")
     else:
         enc_cfg = encoder_preset(
             cfg.encoder_preset,
@@ -105,7 +105,7 @@ def build_encoder_for(cfg: AlignConfig | CTCConfig, llm: LoadedLLM) -> torch.nn.
             llm_hidden=llm.hidden_size,
             **cfg.encoder_overrides,
         )
-        encoder = build_encoder(enc_cfg)
+        encoder = build_encoder(enc_cfg, llm)
     if cfg.trainable_layers not in (None, encoder.config.trainable_layers):
         if not hasattr(encoder, "set_trainable_layers"):
             raise ValueError(f"trainable_layers is for whisper encoders, not {encoder.config.kind}")

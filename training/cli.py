@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model.config import ENCODER_KINDS
+
 
 def add_corpus_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("data/corpus/sentences.jsonl"))
@@ -126,7 +128,7 @@ def _add_training_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
     p.add_argument("--workers", type=int, default=None, help="data loader workers")
-    p.add_argument("--encoder-kind", choices=["whisper", "conformer"], default=None)
+    p.add_argument("--encoder-kind", choices=list(ENCODER_KINDS), default=None)
     p.add_argument(
         "--init",
         default=None,

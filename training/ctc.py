@@ -156,9 +156,14 @@ def build_task_and_encoder(cfg: CTCConfig, llm: LoadedLLM, utts: list[Utterance]
             **cfg.encoder_overrides,
         )
         return CharTask(), build_encoder(enc_cfg)
+    encoder = build_encoder_for(cfg, llm)
+    if encoder.config.kind == "whisper_decoder":
+        raise ValueError(
+            "a whisper_decoder encoder starts from Whisper's own tokens and needs no CTC "
+            "pretraining; align it directly"
+        )
     texts = [u.text for u in utts if u.split in (None, "train")]
-    task = TokenTask(llm, texts, cfg.system_prompt, cfg.min_token_count)
-    return task, build_encoder_for(cfg, llm)
+    return TokenTask(llm, texts, cfg.system_prompt, cfg.min_token_count), encoder
 
 
 def pretrain_ctc(

@@ -6,11 +6,15 @@ Dims: B batch, T_wav samples, T frames, D width, k frames stacked per embedding.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from model.config import EncoderConfig
+
+if TYPE_CHECKING:
+    from model.llm import LoadedLLM
 
 
 class AudioEncoder(nn.Module, ABC):
@@ -29,6 +33,12 @@ class AudioEncoder(nn.Module, ABC):
     def front_frozen(self) -> bool:
         """True when everything `front` computes is frozen, so its outputs can be cached."""
         return False
+
+    @property
+    def window_safe(self) -> bool:
+        """True when a clip encoded in consecutive pieces, embeddings joined, stays close to the
+        clip encoded whole (frame-level encoders), so streamed audio can be encoded as it comes."""
+        return True
 
     def front(
         self, waveforms: torch.Tensor, lengths: torch.Tensor
@@ -97,12 +107,19 @@ def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device)[None] < lengths[:, None]  # [B, max_len]
 
 
-def build_encoder(config: EncoderConfig) -> AudioEncoder:
-    """A fresh encoder of the configured kind (whisper loads pretrained Whisper weights)."""
+def build_encoder(config: EncoderConfig, llm: LoadedLLM | None = None) -> AudioEncoder:
+    """A fresh encoder of the configured kind (the whisper kinds load pretrained Whisper weights;
+    whisper_decoder also reads `llm`'s tokenizer and embedding table)."""
     if config.kind == "conformer":
         from model.encoders.conformer import ConformerEncoder
 
         return ConformerEncoder(config)
+    if config.kind == "whisper_decoder":
+        from model.encoders.whisper_decoder import WhisperDecoderEncoder
+
+        if llm is None:
+            raise ValueError("a whisper_decoder encoder needs the loaded LLM it feeds")
+        return WhisperDecoderEncoder(config, llm)
     from model.encoders.whisper import WhisperAudioEncoder
 
     return WhisperAudioEncoder(config)

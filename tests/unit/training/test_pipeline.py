@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,6 +289,37 @@ def test_align_fine_tunes_whisper_top_layers_on_cached_frames(
     assert again.config.trainable_layers == 1
     assert not torch.equal(again.whisper.layers[-1].fc1.weight, tuned.whisper.layers[-1].fc1.weight)
     assert len(list(frames.rglob("*.npy"))) == n_utts
+
+
+def test_align_trains_the_whisper_decoder_correction_on_cached_states(
+    corpus: Path, tiny_llm, tiny_llm_dir, tmp_path
+):
+    from model.checkpoint import load_encoder
+
+    frames = tmp_path / "states"
+    cfg = AlignConfig(
+        llm=str(tiny_llm_dir), encoder_kind="whisper_decoder", frame_cache=str(frames), steps=3,
+        batch_size=4, lr=3e-3, warmup_steps=1, num_workers=0, eval_every=3,
+        max_response_tokens=8, encoder_overrides={"adapter_hidden": 32},
+    )  # fmt: skip
+    manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
+    out = align(cfg, manifests, tmp_path / "run")
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 3 and record["dev_ce"] > 0
+    n_utts = len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
+    cached = sorted(frames.rglob("*.npy"))
+    assert len(cached) == n_utts  # Whisper's decoder states, one file per utterance
+    assert all(np.load(f).shape[1] == 384 for f in cached)  # tiny.en's width, not frames
+    tuned, _, _ = load_encoder(out / "encoder", tiny_llm, device="cpu")
+    assert tuned.config.kind == "whisper_decoder"
+    assert tuned.correction[-1].weight.abs().max() > 0  # zero at the start, trained since
+    with pytest.raises(ValueError, match="needs no CTC"):
+        pretrain_ctc(
+            CTCConfig(llm=str(tiny_llm_dir), encoder_kind="whisper_decoder", steps=1,
+                      batch_size=4, num_workers=0),
+            manifests,
+            tmp_path / "ctc",
+        )  # fmt: skip
 
 
 def test_align_with_token_ctc_beside_the_answers(corpus: Path, tiny_llm_dir, tmp_path):
