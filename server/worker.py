@@ -87,6 +87,11 @@ class Worker:
         )
         self.max_sessions = max_sessions
         self.stream_window_s = stream_window_s
+        encoder = speech_llm.encoder
+        if stream_window_s and encoder is not None and not encoder.window_safe:
+            log.info("the %s encoder hears whole turns: streamed audio is encoded at commit",
+                     encoder.config.kind)  # fmt: skip
+            self.stream_window_s = 0.0
         self.stream_prefill = stream_prefill
         self._sessions: dict[str, Session] = {}
         # decoding and encoding audio here run single-threaded: the engine owns the cores

@@ -197,3 +197,29 @@ def test_audio_heard_while_answering_waits_for_the_commit(with_ears, speak):
     assert replies[0] == replies[1] and replies[0]
     assert heard >= 2 and not any(during)  # windows encoded, none prefilled
     assert text and reason == "length"
+
+
+def test_an_encoder_that_hears_whole_turns_is_not_fed_windows(tiny_llm, speak):
+    """Whisper's decoder mishears words cut at a window edge, so a whisper_decoder encoder gets
+    the whole turn at the commit, whatever `stream_window_s` says."""
+    from model.config import EncoderConfig
+
+    cfg = EncoderConfig(kind="whisper_decoder", llm_hidden=tiny_llm.hidden_size, adapter_hidden=32)
+    ears = SpeechLLM(tiny_llm, build_encoder(cfg, tiny_llm).eval())
+    wav = speak(SENTENCE)
+
+    async def main():
+        worker = await started(ears, stream_window_s=1.0)
+        sid = worker.open_session()
+        await stream(worker, sid, wav)
+        windows = len(worker._sessions[sid].stream.windows)
+        await worker.commit_audio(sid)
+        part = worker._sessions[sid].turns[-1].parts[0]
+        await worker.stop()
+        return worker.stream_window_s, windows, part
+
+    window_s, windows, part = run(main())
+    assert window_s == 0.0 and windows == 0
+    expected = ears.encoder.encode_one(decode_pcm16(pcm16_bytes(wav), SAMPLE_RATE))  # [L, D]
+    assert 10 <= expected.shape[0] <= 30  # one per Whisper token of the sentence
+    torch.testing.assert_close(part.embeddings, expected, atol=1e-4, rtol=1e-4)  # 1 thread there
