@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 class AudioEncoder(nn.Module, ABC):
-    """Waveforms at 16 kHz in, LLM-width embeddings out (one per ~80 ms)."""
+    """Waveforms at 16 kHz in, LLM-width embeddings out (one per ~80 ms from the frame-level
+    kinds, one per emitted Whisper token from whisper_decoder)."""
 
     config: EncoderConfig
 
