@@ -91,14 +91,19 @@ class WhisperDecoderEncoder(AudioEncoder):
         logits = logits.masked_fill(self.blocked, -torch.inf)  # [B, L, V]
         top = logits.topk(self.config.soft_candidates, dim=-1)  # [B, L, K]
         probs = (top.values / self.log_temperature.exp()).softmax(-1)  # [B, L, K]
-        pieces = self.pieces[top.indices]  # [B, L, K, P]
-        valid = (pieces >= 0).float()  # [B, L, K, P]
-        emb = self.llm_table[pieces.clamp(min=0)].float()  # [B, L, K, P, D_llm]
-        words = (emb * valid[..., None]).sum(3) / valid.sum(3, keepdim=True).clamp(min=1)
-        # words: [B, L, K, D_llm], each candidate's mean piece embedding
-        mixed = (probs[..., None] * words).sum(2)  # [B, L, D_llm]
+        mixed = (probs[..., None] * self.token_embeddings(top.indices)).sum(2)  # [B, L, D_llm]
         out = mixed + self.correction(waveforms.float())  # [B, L, D_llm]
         return out * lengths_to_mask(lengths, out.shape[1])[..., None], lengths
+
+    def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whisper text token ids [...] -> the mean LLM embedding of each one's pieces
+        [..., D_llm], float32; computed once per distinct token (a batch's candidates repeat)."""
+        distinct, where = tokens.unique(return_inverse=True)  # [U], [...]
+        pieces = self.pieces[distinct]  # [U, P]
+        valid = (pieces >= 0).float()  # [U, P]
+        emb = self.llm_table[pieces.clamp(min=0)].float()  # [U, P, D_llm]
+        means = (emb * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+        return means[where]  # [..., D_llm]
 
     @property
     def window_safe(self) -> bool:
