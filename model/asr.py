@@ -101,14 +101,7 @@ class WhisperASR:
     @torch.inference_mode()
     def transcribe_batch(self, waveforms: list[torch.Tensor]) -> list[str]:
         """Several mono 16 kHz waveforms -> their texts, windows of all of them batched together."""
-        windows: list[torch.Tensor] = []
-        owners: list[int] = []
-        for i, wav in enumerate(waveforms):
-            if wav.dim() != 1:
-                raise ValueError(f"expected a mono waveform [T_wav], got shape {tuple(wav.shape)}")
-            parts = split_windows(wav.detach().float().cpu())
-            windows += parts
-            owners += [i] * len(parts)
+        windows, owners = clip_windows(waveforms)
         pieces: list[list[str]] = [[] for _ in waveforms]
         for start in range(0, len(windows), BATCH_WINDOWS):
             batch = windows[start : start + BATCH_WINDOWS]
@@ -119,17 +112,45 @@ class WhisperASR:
 
     def transcribe_windows(self, windows: list[torch.Tensor]) -> list[str]:
         """Windows of at most 30 s -> one text each."""
-        arrays = [w.numpy() for w in windows]
-        feats = self.features(arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        mel = feats["input_features"].to(self.device, self.model.dtype)  # [B, F, 3000]
-        enc = self.model.model.encoder(mel).last_hidden_state  # [B, 1500, D]
-        ids = self.decode_greedy(enc)
+        ids, _ = decode_windows(
+            self.model, self.features, self.tokens, windows, self.max_new_tokens
+        )
         return [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
 
     def decode_greedy(self, enc: torch.Tensor) -> list[list[int]]:
         """Encoder states [B, T_enc, D] -> generated ids per window, up to <|endoftext|>."""
         ids, _ = greedy_decode(self.model, self.tokens, enc, self.max_new_tokens)
         return ids
+
+
+def clip_windows(waveforms: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Mono waveforms, each [T_wav] -> their windows of at most 30 s in order (float32, on the
+    CPU), and the index of the waveform each window came from."""
+    windows: list[torch.Tensor] = []
+    owners: list[int] = []
+    for i, wav in enumerate(waveforms):
+        if wav.dim() != 1:
+            raise ValueError(f"expected a mono waveform [T_wav], got shape {tuple(wav.shape)}")
+        parts = split_windows(wav.detach().float().cpu())
+        windows += parts
+        owners += [i] * len(parts)
+    return windows, owners
+
+
+def decode_windows(
+    model: WhisperForConditionalGeneration,
+    features: WhisperFeatureExtractor,
+    tokens: DecodingTokens,
+    windows: list[torch.Tensor],
+    max_new_tokens: int,
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Windows of at most 30 s (CPU) -> Whisper's log-mel over 30 s, its encoder and greedy
+    decoding: (ids per window, decoder states [B, L, D]), as `greedy_decode`."""
+    arrays = [w.numpy() for w in windows]
+    feats = features(arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+    mel = feats["input_features"].to(model.device, model.dtype)  # [B, F, 3000]
+    enc = model.model.encoder(mel).last_hidden_state  # [B, 1500, D]
+    return greedy_decode(model, tokens, enc, max_new_tokens)
 
 
 def load_whisper_decoding(

@@ -13,19 +13,18 @@ Dims: B batch, T_wav samples, W 30 s windows, L decoder steps, D Whisper width, 
 vocabulary, K candidates per step, P LLM pieces per Whisper token, D_llm LLM width.
 
 Our own module because no library maps one tokenizer's tokens onto another LLM's embeddings; the
-greedy loop is `model.asr.greedy_decode`, the cascade's.
+windowing, log-mel, Whisper encoder and greedy loop are the cascade's (`model.asr.decode_windows`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import WhisperFeatureExtractor
 
-from model.asr import MAX_NEW_TOKENS, greedy_decode, load_whisper_decoding, split_windows
+from model.asr import MAX_NEW_TOKENS, clip_windows, decode_windows, load_whisper_decoding
 from model.config import SAMPLE_RATE, EncoderConfig
 from model.encoders.base import AudioEncoder, lengths_to_mask
 
@@ -119,19 +118,12 @@ class WhisperDecoderEncoder(AudioEncoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """waveforms [B, T_wav], lengths [B] -> (decoder states at the emitted tokens [B, L, D],
         lengths [B]); a clip with no words keeps one state, the one that ended it."""
-        windows: list[np.ndarray] = []
-        owners: list[int] = []
-        for row in range(waveforms.shape[0]):
-            wav = waveforms[row, : int(lengths[row])].detach().float().cpu()  # [T_wav]
-            parts = split_windows(wav) or [wav.new_zeros(SAMPLE_RATE // 10)]
-            windows += [p.numpy() for p in parts]
-            owners += [row] * len(parts)
-        feats = self.features(windows, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        device, dtype = self.whisper.proj_out.weight.device, self.whisper.proj_out.weight.dtype
-        mel = feats["input_features"].to(device, dtype)  # [B_win, F, 3000]
-        enc = self.whisper.model.encoder(mel).last_hidden_state  # [B_win, 1500, D]
-        ids, states = greedy_decode(self.whisper, self.tokens, enc, MAX_NEW_TOKENS)
-        # states: [B_win, L_max, D]
+        clips = [waveforms[row, : int(lengths[row])] for row in range(waveforms.shape[0])]
+        clips = [c if c.numel() else c.new_zeros(SAMPLE_RATE // 10) for c in clips]  # [T_wav]
+        windows, owners = clip_windows(clips)
+        ids, states = decode_windows(
+            self.whisper, self.features, self.tokens, windows, MAX_NEW_TOKENS
+        )  # states: [B_win, L_max, D]
         per_row: list[list[torch.Tensor]] = [[] for _ in range(waveforms.shape[0])]
         for win, owner in enumerate(owners):
             per_row[owner].append(states[win, : len(ids[win])])  # [L_win, D]
