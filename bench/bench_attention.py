@@ -1,6 +1,7 @@
 """Decode attention alone (CUDA): one query per row over its cached keys, as the graphed decode
 step runs it per layer, through each SDPA backend, two batched matmuls (`grouped_attention`) and
-a split-K Triton kernel ("flash decoding"), against the time to read the K/V once.
+the step's split-keys Triton kernel (server/engine_flashdecode.py, its own split count and one
+split), against the time to read the K/V once.
 
 Why: on an H100 (Llama-2-7B shape, bf16, one row, 256 keys) the step's attention is SDPA's
 memory-efficient kernel at ~13 us a layer (0.42 ms of the 6.2 ms step) while its K/V (4 MB a
@@ -26,99 +27,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine_decode import grouped_attention, position_bias  # noqa: E402
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from server.engine_flashdecode import flash_decode, supports  # noqa: E402
 
 REPS = 200
-CHUNK = 64  # keys per program of the split-K kernel
-
-if triton is not None:
-
-    @triton.jit
-    def _partial_kernel(
-        q_ptr, k_ptr, v_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, scale,
-        HKV, G, S,
-        sq_b, sq_h, sq_g, sk_b, sk_h, sk_k, sv_b, sv_h, sv_k,
-        DH: tl.constexpr, BLOCK_G: tl.constexpr, CHUNK: tl.constexpr,
-    ):  # fmt: skip
-        """One (row, K/V head) and one chunk of keys: the chunk's max, sum of exp and
-        exp-weighted values for each of the head's G queries."""
-        bh, s = tl.program_id(0), tl.program_id(1)
-        b, h = bh // HKV, bh % HKV
-        n = tl.load(lens_ptr + b)  # this row's keys
-        g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, DH)
-        k = s * CHUNK + tl.arange(0, CHUNK)
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + g[:, None] * sq_g + d[None, :],
-                    mask=g[:, None] < G, other=0.0)  # fmt: skip
-        keys = tl.load(k_ptr + b * sk_b + h * sk_h + k[:, None] * sk_k + d[None, :],
-                       mask=k[:, None] < n, other=0.0)  # fmt: skip
-        scores = tl.dot(q, tl.trans(keys)).to(tl.float32) * scale  # [BLOCK_G, CHUNK]
-        scores = tl.where(k[None, :] < n, scores, float("-inf"))
-        m = tl.max(scores, axis=1)  # [BLOCK_G]
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp(scores - m_safe[:, None])
-        l_sum = tl.sum(p, axis=1)
-        values = tl.load(v_ptr + b * sv_b + h * sv_h + k[:, None] * sv_k + d[None, :],
-                         mask=k[:, None] < n, other=0.0)  # fmt: skip
-        acc = tl.dot(p.to(values.dtype), values)  # [BLOCK_G, DH] (fp32)
-        row = (bh * S + s) * BLOCK_G + g
-        tl.store(m_ptr + row, m)
-        tl.store(l_ptr + row, l_sum)
-        tl.store(acc_ptr + row[:, None] * DH + d[None, :], acc)
-
-    @triton.jit
-    def _combine_kernel(
-        m_ptr, l_ptr, acc_ptr, out_ptr, G, S, so_bh, so_g,
-        DH: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):  # fmt: skip
-        """Rescale each chunk's partial sums to the largest max and add them up."""
-        bh = tl.program_id(0)
-        s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, DH)
-        for gi in range(0, G):
-            rows = (bh * S + s) * BLOCK_G + gi
-            m = tl.load(m_ptr + rows, mask=s < S, other=float("-inf"))
-            top = tl.max(m, axis=0)
-            w = tl.where(s < S, tl.exp(m - top), 0.0)  # chunks past the row's keys: 0
-            total = tl.sum(w * tl.load(l_ptr + rows, mask=s < S, other=0.0), axis=0)
-            acc = tl.load(acc_ptr + rows[:, None] * DH + d[None, :], mask=s[:, None] < S, other=0.0)
-            out = tl.sum(acc * w[:, None], axis=0) / total  # [DH]
-            tl.store(out_ptr + bh * so_bh + gi * so_g + d, out.to(out_ptr.dtype.element_ty))
 
 
-def split_k_attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lens: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """q [B, Hkv, G, Dh]; keys/values [B, Hkv, K, Dh] (strided views of the arena, last dim
-    contiguous); lens [B] keys each row attends to -> [B, Hkv, G, Dh]."""
-    b, hkv, g, dh = q.shape
-    k_len = keys.shape[2]
-    s = triton.cdiv(k_len, CHUNK)
-    block_g = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows
-    m = q.new_empty(b * hkv * s * block_g, dtype=torch.float32)
-    l_sum, acc = torch.empty_like(m), q.new_empty(b * hkv * s * block_g * dh, dtype=torch.float32)
-    _partial_kernel[(b * hkv, s)](
-        q, keys, values, lens, m, l_sum, acc, scale, hkv, g, s,
-        q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        DH=dh, BLOCK_G=block_g, CHUNK=CHUNK,
-    )  # fmt: skip
-    out = torch.empty_like(q)  # [B, Hkv, G, Dh] contiguous
-    _combine_kernel[(b * hkv,)](
-        m, l_sum, acc, out, g, s, out.stride(1), out.stride(2),
-        DH=dh, BLOCK_G=block_g, BLOCK_S=triton.next_power_of_2(s),
-    )  # fmt: skip
-    return out
-
-
-def candidates(q, keys, values, bias, lens, scale: float) -> list:
+def candidates(q, keys, values, bias, pos, scale: float) -> list:
     """Calls to time, in the table's order after "read K/V": q [B, Hkv, G, Dh], keys/values
-    [B, Hkv, K, Dh], bias [B, 1, 1, K], lens [B]."""
+    [B, Hkv, K, Dh], bias [B, 1, 1, K], pos [B] (the kernel also writes K/V there: the
+    step's indexed copy, which the others leave out)."""
     rows, dh = q.shape[0], q.shape[-1]
 
     def sdpa(backend, mask=bias):
@@ -135,8 +52,10 @@ def candidates(q, keys, values, bias, lens, scale: float) -> list:
         sdpa(SDPBackend.MATH),
         lambda: grouped_attention(q.view(rows, -1, 1, dh), keys, values, bias, scale),
     ]
-    if triton is not None:
-        cases.append(lambda: split_k_attention(q, keys, values, lens, scale))
+    if supports(q):
+        new = torch.stack((keys[torch.arange(rows), :, pos], values[torch.arange(rows), :, pos]), 1)
+        cases.append(lambda: flash_decode(q, keys, values, new, pos, scale))
+        cases.append(lambda: flash_decode(q, keys, values, new, pos, scale, 1))
     return cases
 
 
@@ -175,7 +94,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, {args.heads} query / {hkv} K/V heads of {dh}, bf16; "
           f"us a call, replayed from a CUDA graph")  # fmt: skip
     names = ["read K/V", "efficient", "cudnn", "flash*", "math", "matmuls"]
-    names += ["split-K triton"] * (triton is not None)
+    names += ["flash (auto)", "flash 1 split"]
     print(f"{'rows':>4} {'keys':>5} " + " ".join(f"{n:>14}" for n in names))
     for rows in args.rows:
         arena = torch.randn(2, rows, hkv, cap, dh, device=dev, dtype=dtype)  # as the engine's
@@ -185,13 +104,12 @@ def main() -> None:
             pos = torch.randint(k_len // 2, k_len, (rows,), device=dev)
             pos[0] = k_len - 1
             bias = position_bias(pos, k_len, dtype)  # [B, 1, 1, K]
-            lens = (pos + 1).to(torch.int32)
             expected = grouped_attention(q.view(rows, -1, 1, dh), keys, values, bias, scale)
             expected = expected.view(rows, hkv, g, dh)
             kv_bytes = 2 * keys.numel() * keys.element_size()
             row = [kv_bytes / 3.0e12 * 1e6]  # at ~3 TB/s
 
-            cases = candidates(q, keys, values, bias, lens, scale)
+            cases = candidates(q, keys, values, bias, pos, scale)
             for i, case in enumerate(cases):
                 try:
                     got = case().reshape(rows, hkv, g, dh)

@@ -7,8 +7,9 @@ Usage:
   python bench/bench_step.py                       # embedded SmolLM2 on this CPU
 
 `--profile` (CUDA): the GPU kernels of ten one-row static steps, fused and plain, by total time.
-On CUDA, where the fused pieces split the MLP's projections (server/engine_splitk.py), the same
-pieces without splitting get a column of their own; each projection's timed splits are logged.
+On CUDA, where the fused pieces split the MLP's projections (server/engine_splitk.py) or attend
+with the split-keys kernel (server/engine_flashdecode.py), the same pieces without splitting,
+and with SDPA, get a column of their own; the timings behind each choice are logged.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="CUDA: kernels of a step")
     args = parser.parse_args()
     logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("server.engine_splitk").setLevel(logging.INFO)  # each projection's timings
+    for name in ("server.engine_splitk", "server.engine_flashdecode"):  # the timed choices
+        logging.getLogger(name).setLevel(logging.INFO)
     device = torch.device(args.device)
     llm = on_own_thread(build_llm, args, threads=args.threads)
     bandwidth = on_own_thread(measure_bandwidth, device, threads=args.threads)
@@ -104,10 +106,15 @@ def main() -> None:
     if gpu and fused is not None and fused.splits != NO_SPLIT:
         unsplit = on_own_thread(FusedPieces, lean, llm.model.config, NO_SPLIT)
         on_own_thread(unsplit.warm_up)
+    with_sdpa = None  # the fused pieces attending with SDPA, where timing chose the kernel
+    if gpu and fused is not None and fused.attention == "flash":
+        with_sdpa = on_own_thread(FusedPieces, lean, llm.model.config, fused.splits, "sdpa")
+        on_own_thread(with_sdpa.warm_up)
     print(f"\n{llm.name} on {args.device} ({llm.dtype}); weights stream in {stream_ms:.2f} ms "
           f"at {bandwidth / 1e9:.0f} GB/s")  # fmt: skip
     plain_col = f" {'graphs ms':>10}" if gpu else ""
     plain_col += f" {'no split-K':>10}" if unsplit is not None else ""
+    plain_col += f" {'SDPA attn':>10}" if with_sdpa is not None else ""
     print(f"{'rows':>4} {'eager ms':>9}{plain_col} {'compiled ms':>12} {'speed-up':>9} "
           f"{'bound/compiled':>15}")  # fmt: skip
     for rows in args.rows:
@@ -120,6 +127,9 @@ def main() -> None:
             if unsplit is not None:
                 lean.fused, lean.graphs = unsplit, GraphedDecode(lean)
                 plain += f" {on_own_thread(step_ms, lean, arena, rows):>10.2f}"
+            if with_sdpa is not None:
+                lean.fused, lean.graphs = with_sdpa, GraphedDecode(lean)
+                plain += f" {on_own_thread(step_ms, lean, arena, rows):>10.2f}"
             lean.fused, lean.graphs = fused, GraphedDecode(lean)
         elif rows == 1:
             lean.row_step = compiled
@@ -128,11 +138,14 @@ def main() -> None:
               f"{100 * stream_ms / fast:>14.0f}%")  # fmt: skip
     if lean.graphs is not None:
         print(f"CUDA graphs captured: {lean.graphs.captured}; failed: {lean.graphs.failed}; "
-              f"fused pieces: {fused is not None}, split-K {fused and fused.splits}")  # fmt: skip
+              f"fused pieces: {fused is not None}, split-K {fused and fused.splits}, "
+              f"attention {fused and fused.attention}")  # fmt: skip
     if args.profile and gpu:
         cases = [("fused static step", fused), ("plain static step", None)]
         if unsplit is not None:
             cases.insert(1, ("fused static step, no split-K", unsplit))
+        if with_sdpa is not None:
+            cases.insert(1, ("fused static step, SDPA attention", with_sdpa))
         for label, pieces in cases:
             lean.fused = pieces
             on_own_thread(profile_kernels, lean, arena, label)

@@ -6,16 +6,19 @@ step's ~18 kernels a layer costs a few microseconds whatever its size, and the p
 (residual adds, RMSNorm, rotary, SiLU x up, the K/V stack) fuse into four. Weights are inputs,
 not constants, so the same three graphs (first layer, between layers, last layer) serve every
 layer; the row count is dynamic after the first two sizes (compiled at `warm_up`, before any
-capture: compiling inside a capture would fail it); attention over the arena stays eager (SDPA)
-with the K/V written by one indexed copy. Projections stay cuBLAS's, the MLP's two as split-K
-partial products where timing on the device says so (server/engine_splitk.py).
+capture: compiling inside a capture would fail it); attention over the arena runs between them:
+a split-keys Triton kernel that also writes the step's K/V (server/engine_flashdecode.py) where
+timing on the device says it beats SDPA, else SDPA after one indexed copy of the K/V.
+Projections stay cuBLAS's, the MLP's two as split-K partial products where timing on the device
+says so (server/engine_splitk.py).
 
 Measured on an H100 (Llama-2-7B shape, bf16, one row, 256 keys; `bench/bench_step.py --profile`;
 the weights stream in 4.45-4.48 ms): graphed plain step 6.86-6.89 ms (626 kernels, 6.73 ms of
 kernel time), graphed fused 6.18-6.19 ms (496 kernels, 6.00 ms), of which the projections are
 4.99 ms (2.68 TB/s against a 2.98 TB/s copy) and attention 0.42 ms. With inductor generating
 one row's projections itself (multiply and sum, fused with the norm before) 6.61 ms (its GEMVs
-slower than cuBLAS's); with torch's cuBLASLt path instead of cuBLAS 6.18 ms.
+slower than cuBLAS's); with torch's cuBLASLt path instead of cuBLAS 6.18 ms. Attending with
+the split-keys kernel: 5.92 ms against 6.34 with SDPA in the same run (523 kernels, 5.66 ms).
 
 Dims: B rows, H query heads, Hkv key/value heads, G query heads per K/V head, Dh head width,
 D LLM width, I MLP width, K key positions, V vocabulary.
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from server.engine_batch import Arena
 from server.engine_compiled import layer_weights, llama_rms
 from server.engine_decode import position_bias
+from server.engine_flashdecode import BLOCK, flash_decode, pick_attention, sdpa_decode
 from server.engine_splitk import pick_split, project
 
 if TYPE_CHECKING:
@@ -67,9 +71,16 @@ class FusedPieces:
     """`static_step(arena, lo, hi, ids, pos, k_len)` -> logits [B, V], as
     `LeanDecode.static_step` with the layers' pointwise work fused."""
 
-    def __init__(self, lean: LeanDecode, config, splits: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        lean: LeanDecode,
+        config,
+        splits: dict[str, int] | None = None,
+        attention: str | None = None,
+    ) -> None:
         """`splits`: the split-K of the gate/up and down projections (server/engine_splitk.py;
-        default: timed on a CUDA device, 1 elsewhere)."""
+        default: timed on a CUDA device, 1 elsewhere). `attention`: "flash" (the Triton kernel)
+        or "sdpa" (default: timed on a CUDA device, "sdpa" elsewhere)."""
         self.lean = lean
         eps, act = config.rms_norm_eps, lean.layers[0].act
         heads, kv_heads, head_dim = lean.heads, lean.kv_heads, lean.head_dim
@@ -80,6 +91,15 @@ class FusedPieces:
             name: pick_split(*linear_of(getattr(layer, name)), name) for name in SPLIT_PROJECTIONS
         }
         gate_up_split, down_split = self.splits["gate_up"], self.splits["down_proj"]
+        weight = layer.qkv.weight
+        if attention is None:
+            attention = "sdpa"
+            if weight.device.type == "cuda":
+                groups, backends = heads // kv_heads, lean._attention_backends
+                attention = pick_attention(kv_heads, groups, head_dim, weight.dtype, backends)
+        if attention not in ("flash", "sdpa"):
+            raise ValueError(f"attention is 'flash' or 'sdpa', not {attention!r}")
+        self.attention = attention
 
         def rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return llama_rms(x, weight, eps)
@@ -122,19 +142,20 @@ class FusedPieces:
         rows = hi - lo
         x = lean.embed(ids)  # [B, D]
         cos, sin = lean.rotary(x, pos[:, None])  # [B, 1, Dh] each
-        bias = position_bias(pos, k_len, x.dtype)  # [B, 1, 1, K]
-        row = torch.arange(lo, hi, device=arena.device)  # [B]
+        flash = self.attention == "flash"
+        bias = None if flash else position_bias(pos, k_len, x.dtype)  # [B, 1, 1, K]
         norm_in, qkv, *_ = self.layers[0]
         q, kv_new = self._first(x, norm_in, qkv, cos, sin)
         last = len(self.layers) - 1
         with lean._attention_backends():
             for i, (_, _, o_proj, norm_post, gate_up, down) in enumerate(self.layers):
-                kv = arena.data[i]  # [2, R, Hkv, C, Dh]
-                kv[:, row, :, pos] = kv_new  # [B, 2, Hkv, Dh]
-                keys, values = kv[:, lo:hi, :, :k_len]  # [B, Hkv, K, Dh] each
-                att = F.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=bias, scale=lean.layers[i].scaling
-                ).reshape(rows, -1)  # [B, H Dh]
+                kv = arena.data[i, :, lo:hi, :, :k_len]  # [2, B, Hkv, K, Dh]
+                scale = lean.layers[i].scaling  # q [B, Hkv, G, Dh], kv_new [B, 2, Hkv, Dh]
+                if flash:
+                    att = flash_decode(q, kv[0], kv[1], kv_new, pos, scale)
+                else:
+                    att = sdpa_decode(q, kv, kv_new, pos, bias, scale)
+                att = att.reshape(rows, -1)  # [B, H Dh]
                 if i == last:
                     return self._last(x, att, o_proj, norm_post, gate_up, down, *self.final)
                 norm_in, qkv, *_ = self.layers[i + 1]
@@ -157,6 +178,12 @@ class FusedPieces:
                 att = q.reshape(rows, -1).contiguous()  # [B, H Dh], as attention's output
                 self._middle(x, att, *layer[2:], layer[0], layer[1], cos, sin)
                 self._last(x, att, *layer[2:], *self.final)
+            if self.attention == "flash":  # both kernel variants, one split and several
+                kv = x.new_zeros(2, 1, lean.kv_heads, 2 * BLOCK, lean.head_dim)
+                q = kv.new_zeros(1, lean.kv_heads, lean.heads // lean.kv_heads, lean.head_dim)
+                new, pos = kv.new_zeros(1, 2, lean.kv_heads, lean.head_dim), pos[:1, 0]
+                for splits in (1, 2):
+                    flash_decode(q, kv[0], kv[1], new, pos, 1.0, splits)
         seconds = time.perf_counter() - start
         log.info("fused decode pieces compiled in %.1f s", seconds)
         return seconds
