@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import statistics
 import sys
@@ -192,6 +193,11 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     await worker.start()
     await run_request(worker, 4, messages=STORY)  # warm-up
     single = await single_stream(worker, args.tokens)
+    chained = worker.engine.chained
+    worker.engine.launch_ahead = False  # each step waiting for the last one's tokens
+    single["waiting"] = (await single_stream(worker, args.tokens))["rate"]
+    worker.engine.launch_ahead = True
+    single["chained"] = chained
     ttft = {}
     for measure in (audio_ttft, streamed_ttft):
         runs = [await measure(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
@@ -273,6 +279,8 @@ def main() -> None:
     )
     threads = args.threads or DEFAULT_THREADS
     gpu = device.type == "cuda"
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("server.engine_flashdecode").setLevel(logging.INFO)  # the timed choice
     single_threaded()
     ears = on_own_thread(build_ears, llm, args, threads=args.threads)
     res = asyncio.run(bench_worker(SpeechLLM(llm, ears), args))
@@ -281,7 +289,9 @@ def main() -> None:
         print(f"\n{llm.name} on {args.device}, quick run")
         print(
             f"bandwidth {bandwidth / 1e9:.1f} GB/s, bound {bound:.1f} tok/s; single stream "
-            f"{single['rate']:.1f} tok/s ({100 * single['rate'] / bound:.0f}% of bound)"
+            f"{single['rate']:.1f} tok/s ({100 * single['rate'] / bound:.0f}% of bound; "
+            f"{single['chained']} steps launched ahead); every step waiting for the last one's "
+            f"tokens {single['waiting']:.1f} tok/s ({100 * single['waiting'] / bound:.0f}%)"
         )
         print(f"TTFT turn 1 {1e3 * ttft['reuse1']:.1f} "
               f"ms, turn 10 reuse {1e3 * ttft['reuse10']:.1f} ms, full {1e3 * ttft['full1']:.1f}"

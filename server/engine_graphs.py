@@ -68,6 +68,7 @@ class GraphedDecode:
         self.stream = torch.cuda.Stream() if capture else None  # where graphs are captured
         self.captured = 0  # graphs captured so far (a figure for logs and tests)
         self.failed: str | None = None  # why capturing stopped; steps then run eagerly
+        self.last: tuple[tuple[int, int, int], StepGraph, list[int]] | None = None  # `chain`'s
 
     def key_length(self, arena: Arena, positions: list[int]) -> int:
         """Key columns a step attends over: the longest row's, rounded up to a block."""
@@ -86,6 +87,7 @@ class GraphedDecode:
         k_len = self.key_length(arena, positions)
         key = (lo, hi, k_len)
         graph = self.graphs.get(key)
+        self.last = None
         if graph is None:
             graph = self._capture(arena, lo, hi, k_len, inputs) if self.failed is None else None
             if graph is None:
@@ -93,7 +95,24 @@ class GraphedDecode:
         else:
             self.graphs.move_to_end(key)
             graph.inputs.copy_(inputs)
+        self.last = key, graph, list(positions)
         return graph.replay().clone()  # [B, V]; the buffer is the next replay's
+
+    def chain(self, arena: Arena, lo: int, hi: int, ids: torch.Tensor) -> torch.Tensor | None:
+        """The step after the last one: the same rows one position on, fed `ids` [B] (the last
+        step's tokens, still on the device) through the same graph, its inputs updated in place
+        on the device, so the host never waits for the last step -> logits [B, V]. None where
+        that graph cannot serve it (other rows, another key block or arena, no last step)."""
+        if self.last is None or self.arena_key != (arena.data.data_ptr(), tuple(arena.data.shape)):
+            return None
+        key, graph, positions = self.last
+        following = [p + 1 for p in positions]
+        if key != (lo, hi, self.key_length(arena, following)):
+            return None
+        graph.inputs[0].copy_(ids)
+        graph.inputs[1].add_(1)
+        self.last = key, graph, following
+        return graph.replay().clone()
 
     def _capture(
         self, arena: Arena, lo: int, hi: int, k_len: int, inputs: torch.Tensor

@@ -158,13 +158,14 @@ def test_cuda_graph_replays_equal_the_forward(overrides, dtype):
 
 @CUDA
 def test_worker_on_cuda_graphs_equals_generate(tiny_llm):
-    """Eight sessions of different lengths decode together from CUDA graphs: each answer is
-    `generate`'s greedy one on the same model."""
+    """Eight sessions of different lengths decode together from CUDA graphs, steps launched
+    ahead: each answer is `generate`'s greedy one on the same model."""
     llm = make_varied_llm(tiny_llm.tokenizer)
     llm.model.to("cuda")
     worker = eight_batched_sessions_equal_generate(SpeechLLM(llm), decode_step="compiled")
     graphs = worker.engine.lean.graphs
     assert graphs is not None and graphs.failed is None and graphs.captured > 0
+    assert worker.engine.chained > 0  # greedy rows: steps launched ahead on the device
 
 
 def test_split_k_pieces_that_fail_to_compile_are_built_again_without_it(monkeypatch, caplog):
