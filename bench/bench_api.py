@@ -1,6 +1,7 @@
 """API figures on the embedded default (SmolLM2 + the shipped encoder) behind real uvicorn:
 time to first token for a spoken question over REST (cold, then with the prefix cached) and over
-the realtime WebSocket (from the end of speech), and single-stream decode tokens/s.
+the realtime WebSocket (from the end of speech; for an encoder of whole turns also without its
+drafts at pauses, server/sessions.py), and single-stream decode tokens/s.
 
 Usage: PYTHONPATH=. python bench/bench_api.py ["spoken question text"]
 """
@@ -19,6 +20,7 @@ from model.audio import encode_wav, load_audio_file
 from model.checkpoint import load_encoder_spec
 from model.llm import load_llm
 from model.speech_llm import SpeechLLM
+from server import sessions
 from server.app import create_app
 from server.settings import Settings
 from server.threads import on_own_thread, single_threaded
@@ -126,8 +128,10 @@ async def ws():
     return out
 
 
-res = asyncio.run(ws())[1:]
-print(
-    f"WS TTFT from end of speech (silence_duration_ms=500 included): median {statistics.median(a for a, _ in res) * 1000:.0f} ms; from speech_stopped: median {statistics.median(b for _, b in res) * 1000:.0f} ms  {[(round(a * 1000), round(b * 1000)) for a, b in res]}"  # noqa: E501
-)
+for label, pause in (("", sessions.DRAFT_PAUSE), (", no drafts at pauses", float("inf"))):
+    sessions.DRAFT_PAUSE = pause  # read at each push (server/sessions.py); inf: never a pause
+    res = asyncio.run(ws())[1:]
+    print(
+        f"WS TTFT{label} from end of speech (silence_duration_ms=500 included): median {statistics.median(a for a, _ in res) * 1000:.0f} ms; from speech_stopped: median {statistics.median(b for _, b in res) * 1000:.0f} ms  {[(round(a * 1000), round(b * 1000)) for a, b in res]}"  # noqa: E501
+    )
 server.stop()

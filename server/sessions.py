@@ -14,6 +14,14 @@ commit instead. The worker also prefills encoded windows into the session's KV c
 the commit, so a stream's positions are keyed by the stream (`AudioStream.key`), not by the
 samples' hash: they stand for windowed embeddings, which a whole encoding would not match.
 
+An encoder that hears whole turns only (`window_safe` False: whisper_decoder, whose decoder
+mishears a word cut at a window edge) gets a draft instead: once `DRAFT_PAUSE` seconds of
+pushed chunks are quiet after speech (each under `QUIET_RMS`, about -40 dBFS), everything up to
+the last loud chunk is encoded in the background (`Draft`, keyed by the stream and its length)
+and prefilled. A commit whose audio since then is all quiet takes the draft, so the encoding
+overlaps the silence a voice-activity detector waits for before it ends the turn; any louder
+audio after it means the whole turn is encoded at the commit.
+
 Dims: T_wav samples, T embeddings, D LLM width.
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import uuid
 from asyncio import Task
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -37,7 +46,10 @@ from server.protocol import TurnInfo
 
 STREAM_WINDOW = 3.0  # s of streamed audio encoded per background window
 STREAM_MIN_TAIL = 1.0  # s always left for the commit, so the last window is never a sliver
+QUIET_RMS = 0.01  # a pushed chunk under this RMS (of full scale 1) is quiet
+DRAFT_PAUSE = 0.2  # s of quiet after speech that make a pause (gaps between words are shorter)
 MIN_COMMIT_SECONDS = 0.05  # s, the shortest audio turn accepted
+ENCODED_AUDIO_BYTES = 64 << 20  # encoder outputs kept by audio digest (about 1,400 turns)
 PCM16_SCALE = 32768.0  # int16 full scale
 Windows = list[Future[torch.Tensor]]  # encoder outputs [T, D] of a stream's windows
 
@@ -57,8 +69,18 @@ def decode_pcm16(pcm16: bytes, sample_rate: int) -> torch.Tensor:
     return wav
 
 
+@dataclass
+class Draft:
+    """A whole-turn encoding of a stream's first `end` samples, made at a pause."""
+
+    key: str  # the identity of its embeddings
+    end: int  # samples
+    embeddings: Future[torch.Tensor]  # [T, D]
+
+
 class AudioStream:
-    """Samples pushed so far, the windows already sent to the encoder, and the rest."""
+    """Samples pushed so far, the windows already sent to the encoder (or the draft of a
+    whole-turn encoding), and the rest."""
 
     def __init__(self, window_s: float) -> None:
         self.key = f"stream-{uuid.uuid4().hex}"  # the identity of its embeddings
@@ -68,18 +90,40 @@ class AudioStream:
         self.pending: list[torch.Tensor] = []  # samples not yet sent to the encoder
         self.pending_len = 0
         self.windows: Windows = []  # sent to the encoder, in order
+        self.loud_end = 0  # samples up to the end of the last chunk louder than QUIET_RMS
+        self.draft: Draft | None = None
 
     def push(self, wav: torch.Tensor) -> list[torch.Tensor]:
         """Add samples [T_wav]; return the whole windows now ready for background encoding."""
         self.samples += wav.shape[0]
         self.pending.append(wav)
         self.pending_len += wav.shape[0]
+        if wav.numel() and float(wav.square().mean().sqrt()) >= QUIET_RMS:
+            self.loud_end = self.samples
         ready = []
         while self.window and self.pending_len >= self.window + self.tail:
             flat = torch.cat(self.pending)  # [T_wav]
             ready.append(flat[: self.window])
             self.pending, self.pending_len = [flat[self.window :]], flat.shape[0] - self.window
         return ready
+
+    def wants_draft(self) -> bool:
+        """Whether to draft now: whole turns only, a pause after speech no draft covers yet,
+        and no draft still being encoded."""
+        paused = self.samples - self.loud_end >= DRAFT_PAUSE * SAMPLE_RATE
+        if self.window or not paused or self.loud_end == 0:
+            return False
+        draft = self.draft
+        return draft is None or (draft.end < self.loud_end and draft.embeddings.done())
+
+    def speech(self) -> torch.Tensor:
+        """The samples up to the end of the last loud chunk -> [T_wav] (whole turns only)."""
+        return torch.cat(self.pending)[: self.loud_end]
+
+    def usable_draft(self) -> Draft | None:
+        """The draft, if nothing louder than a pause came after what it holds."""
+        draft = self.draft
+        return draft if draft is not None and draft.end == self.loud_end else None
 
     def take_rest(self) -> torch.Tensor:
         """The samples no window holds -> [T_wav]."""
@@ -130,6 +174,33 @@ class Session:
     def append_reply(self, text: str) -> None:
         if text:
             self.turns.append(Turn("assistant", (TextPart(text),)))
+
+
+class EncodedAudio:
+    """Encoder outputs by audio digest, least recently used dropped past `budget_bytes`: a
+    stateless request repeats the conversation so far (the OpenAI chat pattern), and its audio
+    turns need not be encoded again (the KV prefix they lead to is reused by the engine)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.used_bytes = 0
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, digest: str) -> torch.Tensor | None:
+        emb = self.entries.get(digest)
+        if emb is not None:
+            self.entries.move_to_end(digest)
+        return emb
+
+    def put(self, digest: str, emb: torch.Tensor) -> None:
+        size = emb.numel() * emb.element_size()
+        if digest in self.entries or size > self.budget_bytes:
+            return
+        self.entries[digest] = emb
+        self.used_bytes += size
+        while self.used_bytes > self.budget_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.used_bytes -= old.numel() * old.element_size()
 
 
 def new_session(system_prompt: str | None, window_s: float) -> Session:

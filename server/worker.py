@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from model.config import SAMPLE_RATE
 from model.decoding import SamplingParams
 from model.errors import MessageFormatError
 from model.messages import AudioPart, Turn, parse_messages
@@ -41,8 +42,11 @@ from server.protocol import (
     WorkerStats,
 )
 from server.sessions import (
+    ENCODED_AUDIO_BYTES,
     STREAM_WINDOW,
     AudioStream,
+    Draft,
+    EncodedAudio,
     Session,
     Windows,
     check_commit_length,
@@ -94,6 +98,7 @@ class Worker:
             self.stream_window_s = 0.0
         self.stream_prefill = stream_prefill
         self._sessions: dict[str, Session] = {}
+        self._encoded = EncodedAudio(ENCODED_AUDIO_BYTES)  # touched on the encoder thread only
         # decoding and encoding audio here run single-threaded: the engine owns the cores
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix="speechchat-encode", initializer=single_threaded
@@ -257,27 +262,47 @@ class Worker:
         if not turn.has_audio:
             return turn
         parts = tuple(
-            p.with_embeddings(self.speech_llm.encode_audio(p))
+            p.with_embeddings(self._encode_part(p))
             if isinstance(p, AudioPart) and p.embeddings is None
             else p
             for p in turn.parts
         )
         return Turn(turn.role, parts)
 
+    def _encode_part(self, part: AudioPart) -> torch.Tensor:
+        """Encoder thread: an audio part's embeddings [T, D], from `_encoded` when this audio
+        was heard before."""
+        emb = self._encoded.get(part.digest)
+        if emb is None:
+            emb = self.speech_llm.encode_audio(part)
+            self._encoded.put(part.digest, emb)
+        return emb
+
     # -- streaming audio -------------------------------------------------------------------
 
     async def push_audio(self, session_id: str, pcm16: bytes, sample_rate: int) -> None:
-        """Buffer pcm16 audio; whole windows go to the encoder while the user speaks."""
+        """Buffer pcm16 audio; whole windows go to the encoder while the user speaks (an encoder
+        of whole turns gets a draft of the turn at each pause instead)."""
         session = self._session(session_id)
         wav = await self._off_loop(decode_pcm16, pcm16, sample_rate)  # [T_wav]
-        stream = session.stream
+        stream, encoder = session.stream, self.speech_llm.encoder
         for window in stream.push(wav):
-            if self.speech_llm.encoder is not None:
-                stream.windows.append(self._pool.submit(self.speech_llm.encoder.encode_one, window))
-                if self.stream_prefill:
-                    session.prefill = asyncio.ensure_future(
-                        self._prefill_heard(session, stream, list(stream.windows), session.prefill)
-                    )
+            if encoder is not None:
+                stream.windows.append(self._pool.submit(encoder.encode_one, window))
+                seconds = len(stream.windows) * stream.window_seconds
+                self._heard(session, stream.key, seconds, list(stream.windows))
+        if encoder is not None and stream.wants_draft():  # a pause: draft the whole turn
+            end = stream.loud_end
+            embeddings = self._pool.submit(encoder.encode_one, stream.speech())
+            stream.draft = Draft(f"{stream.key}-{end}", end, embeddings)
+            self._heard(session, stream.draft.key, end / SAMPLE_RATE, [embeddings])
+
+    def _heard(self, session: Session, key: str, seconds: float, windows: Windows) -> None:
+        """Prefill the history plus these encodings of the stream (when `stream_prefill`)."""
+        if self.stream_prefill:
+            session.prefill = asyncio.ensure_future(
+                self._prefill_heard(session, session.stream, key, seconds, windows, session.prefill)
+            )
 
     async def commit_audio(self, session_id: str) -> float:
         """The buffered audio becomes a user turn; returns its seconds."""
@@ -287,6 +312,10 @@ class Worker:
         if self.speech_llm.encoder is None:
             raise MessageFormatError("this model has no audio encoder loaded; send text only")
         session.reset_stream(self.stream_window_s)
+        if (draft := stream.usable_draft()) is not None:  # only a pause came after it
+            emb = await self._off_loop(draft.embeddings.result)
+            part = AudioPart(draft.key, stream.samples / SAMPLE_RATE)
+            return self._commit_turn(session, part, emb)
         part, rest, windows = stream.whole(), stream.take_rest(), stream.windows
         encoder = self.speech_llm.encoder
 
@@ -296,7 +325,10 @@ class Worker:
                 embs.append(encoder.encode_one(rest))  # [T, D]
             return torch.cat(embs)  # [T, D]
 
-        emb = await self._off_loop(encode_rest)
+        return self._commit_turn(session, part, await self._off_loop(encode_rest))
+
+    def _commit_turn(self, session: Session, part: AudioPart, emb: torch.Tensor) -> float:
+        """The committed audio, with its embeddings [T, D], becomes the session's user turn."""
         turn = Turn("user", (part.with_embeddings(emb),))
         if not session.closed:
             session.turns.append(turn)
@@ -307,10 +339,17 @@ class Worker:
         self._session(session_id).reset_stream(self.stream_window_s)
 
     async def _prefill_heard(
-        self, session: Session, stream: AudioStream, windows: Windows, previous: Task[None] | None
+        self,
+        session: Session,
+        stream: AudioStream,
+        key: str,
+        seconds: float,
+        windows: Windows,
+        previous: Task[None] | None,
     ) -> None:
-        """Prefill the history plus the stream's encoded windows into the session's cache.
-        Skipped once the stream is committed or cleared, or while the session answers."""
+        """Prefill the history plus the stream's encodings (windows, or a draft) into the
+        session's cache, as an audio part keyed `key`. Skipped once the stream is committed or
+        cleared, or while the session answers."""
         if previous is not None:
             await asyncio.wait([previous])  # one at a time: a prefill holds the session's cache
 
@@ -322,7 +361,8 @@ class Worker:
         try:
             if not idle():
                 return
-            plan = await self._off_loop(self._plan_heard, list(session.turns), stream, windows)
+            turns = list(session.turns)
+            plan = await self._off_loop(self._plan_heard, turns, key, seconds, windows)
             if not idle():  # checked again after the wait, then submitted at once
                 return
             events: asyncio.Queue[Event] = asyncio.Queue()
@@ -340,11 +380,12 @@ class Worker:
         finally:
             session.prefill_request = None
 
-    def _plan_heard(self, turns: list[Turn], stream: AudioStream, windows: Windows) -> PromptPlan:
+    def _plan_heard(
+        self, turns: list[Turn], key: str, seconds: float, windows: Windows
+    ) -> PromptPlan:
         """Encoder thread (after the windows, which it encoded): history + the audio so far."""
         emb = torch.cat([w.result() for w in windows])  # [T, D]
-        seconds = len(windows) * stream.window_seconds
-        part = AudioPart(stream.key, seconds, embeddings=emb)
+        part = AudioPart(key, seconds, embeddings=emb)
         return plan_heard(self.speech_llm.llm.tokenizer, [*turns, Turn("user", (part,))])
 
     # -- figures ---------------------------------------------------------------------------

@@ -4,11 +4,12 @@ before the commit."""
 from __future__ import annotations
 
 import asyncio
+import base64
 
 import pytest
 import torch
 
-from model.audio import pcm16_bytes
+from model.audio import encode_wav, pcm16_bytes
 from model.config import SAMPLE_RATE, encoder_preset
 from model.decoding import SamplingParams
 from model.encoders import build_encoder
@@ -17,7 +18,7 @@ from model.messages import AudioPart, TextPart, Turn
 from model.speech_llm import SpeechLLM
 from server.engine_request import plan_heard, plan_prompt
 from server.protocol import GenerateRequest, TextDelta
-from server.sessions import decode_pcm16
+from server.sessions import EncodedAudio, decode_pcm16
 from server.worker import Worker
 from tests.unit.server.test_worker import answer, make_varied_llm, run, started
 
@@ -199,27 +200,93 @@ def test_audio_heard_while_answering_waits_for_the_commit(with_ears, speak):
     assert text and reason == "length"
 
 
-def test_an_encoder_that_hears_whole_turns_is_not_fed_windows(tiny_llm, speak):
-    """Whisper's decoder mishears words cut at a window edge, so a whisper_decoder encoder gets
-    the whole turn at the commit, whatever `stream_window_s` says."""
+def whole_turn_ears(tiny_llm) -> SpeechLLM:
     from model.config import EncoderConfig
 
     cfg = EncoderConfig(kind="whisper_decoder", llm_hidden=tiny_llm.hidden_size, adapter_hidden=32)
-    ears = SpeechLLM(tiny_llm, build_encoder(cfg, tiny_llm).eval())
-    wav = speak(SENTENCE)
+    return SpeechLLM(tiny_llm, build_encoder(cfg, tiny_llm).eval())
+
+
+@pytest.mark.parametrize("after_pause", ["nothing", "speech"])
+def test_an_encoder_that_hears_whole_turns_gets_a_draft_at_the_pause(tiny_llm, speak, after_pause):
+    """Whisper's decoder mishears words cut at a window edge, so a whisper_decoder encoder gets
+    no windows, whatever `stream_window_s` says: at a pause after speech the turn so far is
+    encoded whole in the background and prefilled, and a commit with only silence after that
+    takes the draft (its cached positions found by the answer). Speech after the pause means
+    the whole turn is encoded at the commit."""
+    ears = whole_turn_ears(tiny_llm)
+    speech = speak(SENTENCE)
+    quiet = torch.zeros(3 * CHUNK)  # 0.6 s, as a voice-activity detector waits
+    tail = [quiet, speech[: 2 * CHUNK]] if after_pause == "speech" else [quiet]
+    wav = torch.cat([speech, *tail])
 
     async def main():
         worker = await started(ears, stream_window_s=1.0)
         sid = worker.open_session()
         await stream(worker, sid, wav)
-        windows = len(worker._sessions[sid].stream.windows)
+        live = worker._sessions[sid].stream
+        windows, loud_end, draft = len(live.windows), live.loud_end, live.draft
         await worker.commit_audio(sid)
         part = worker._sessions[sid].turns[-1].parts[0]
+        _, usage, _ = await answer(worker, 4, session_id=sid)
         await worker.stop()
-        return worker.stream_window_s, windows, part
+        return worker.stream_window_s, windows, loud_end, draft, part, usage
 
-    window_s, windows, part = run(main())
+    window_s, windows, loud_end, draft, part, usage = run(main())
     assert window_s == 0.0 and windows == 0
-    expected = ears.encoder.encode_one(decode_pcm16(pcm16_bytes(wav), SAMPLE_RATE))  # [L, D]
-    assert 10 <= expected.shape[0] <= 30  # one per Whisper token of the sentence
+    heard = decode_pcm16(pcm16_bytes(wav), SAMPLE_RATE)  # [T_wav], as pushed
+    assert draft is not None and draft.end <= speech.shape[0]  # made at the pause
+    if after_pause == "nothing":
+        assert loud_end == draft.end and part.digest == draft.key
+        expected = ears.encoder.encode_one(heard[:loud_end])  # [L, D]
+        assert usage.cached_tokens >= expected.shape[0]  # the draft was prefilled
+    else:
+        assert loud_end == wav.shape[0] and part.digest != draft.key
+        expected = ears.encoder.encode_one(heard)
+    assert 10 <= expected.shape[0] <= 40  # one per Whisper token
+    assert part.duration == pytest.approx(wav.shape[0] / SAMPLE_RATE)
     torch.testing.assert_close(part.embeddings, expected, atol=1e-4, rtol=1e-4)  # 1 thread there
+
+
+def test_stateless_audio_heard_again_is_not_encoded_again(with_ears, speak):
+    """The OpenAI chat pattern sends the whole conversation each time: an audio turn already
+    encoded is taken from the worker's encodings by digest (same answer, no encoder call)."""
+    wav = speak(SENTENCE)
+    data = base64.b64encode(encode_wav(wav)).decode()
+    messages = [
+        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data}}]}
+    ]
+    calls = []
+    encode_one = with_ears.encoder.encode_one
+
+    def counted(waveform):
+        calls.append(waveform.shape[0])
+        return encode_one(waveform)
+
+    async def main():
+        worker = await started(with_ears)
+        with_ears.encoder.encode_one = counted
+        try:
+            first = await answer(worker, messages=messages)
+            again = await answer(worker, messages=messages)
+        finally:
+            del with_ears.encoder.encode_one
+        cached = worker._encoded.used_bytes
+        await worker.stop()
+        return first, again, cached
+
+    (text, _, _), (text_again, usage, _), cached = run(main())
+    assert len(calls) == 1 and cached > 0
+    assert text_again == text and usage.cached_tokens > 0
+
+
+def test_encoded_audio_stays_within_its_budget():
+    store = EncodedAudio(budget_bytes=3 * 4 * 10)  # three [10] float32 tensors
+    for i in range(5):
+        store.put(f"d{i}", torch.full((10,), float(i)))
+    assert store.used_bytes == 120 and list(store.entries) == ["d2", "d3", "d4"]
+    assert store.get("d2") is not None  # now the most recent
+    store.put("d5", torch.zeros(10))
+    assert list(store.entries) == ["d4", "d2", "d5"] and store.get("d3") is None
+    store.put("big", torch.zeros(100))  # larger than the budget: not kept
+    assert "big" not in store.entries and store.used_bytes == 120
