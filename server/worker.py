@@ -313,9 +313,13 @@ class Worker:
             raise MessageFormatError("this model has no audio encoder loaded; send text only")
         session.reset_stream(self.stream_window_s)
         if (draft := stream.usable_draft()) is not None:  # only a pause came after it
-            emb = await self._off_loop(draft.embeddings.result)
-            part = AudioPart(draft.key, stream.samples / SAMPLE_RATE)
-            return self._commit_turn(session, part, emb)
+            try:
+                emb = await self._off_loop(draft.embeddings.result)
+            except Exception as err:  # encoded again below, which reports what fails
+                log.warning("the draft of a streamed turn failed: %r", err)
+            else:
+                part = AudioPart(draft.key, stream.samples / SAMPLE_RATE)
+                return self._commit_turn(session, part, emb)
         part, rest, windows = stream.whole(), stream.take_rest(), stream.windows
         encoder = self.speech_llm.encoder
 

@@ -290,3 +290,34 @@ def test_encoded_audio_stays_within_its_budget():
     assert list(store.entries) == ["d4", "d2", "d5"] and store.get("d3") is None
     store.put("big", torch.zeros(100))  # larger than the budget: not kept
     assert "big" not in store.entries and store.used_bytes == 120
+
+
+def test_a_failed_draft_costs_only_its_head_start(tiny_llm, speak):
+    """An encoder error in the draft: the commit encodes the whole turn again and succeeds."""
+    ears = whole_turn_ears(tiny_llm)
+    wav = torch.cat([speak(SENTENCE), torch.zeros(3 * CHUNK)])
+    encode_one, calls = ears.encoder.encode_one, []
+
+    def first_fails(waveform):
+        calls.append(waveform.shape[0])
+        if len(calls) == 1:
+            raise RuntimeError("a transient encoder failure")
+        return encode_one(waveform)
+
+    async def main():
+        worker = await started(ears)
+        ears.encoder.encode_one = first_fails
+        try:
+            sid = worker.open_session()
+            await stream(worker, sid, wav)
+            await worker.commit_audio(sid)
+        finally:
+            del ears.encoder.encode_one
+        part = worker._sessions[sid].turns[-1].parts[0]
+        await worker.stop()
+        return part
+
+    part = run(main())
+    assert len(calls) == 2 and calls[1] == wav.shape[0]  # the draft, then the whole turn
+    expected = ears.encoder.encode_one(decode_pcm16(pcm16_bytes(wav), SAMPLE_RATE))
+    torch.testing.assert_close(part.embeddings, expected, atol=1e-4, rtol=1e-4)
