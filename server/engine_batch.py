@@ -252,9 +252,11 @@ class Arena:
     def ensure(self, rows: int, length: int, idle: bool = False) -> bool:
         """Make room for `rows` rows of `length` positions each; False when the budget refuses.
         `idle` (no row in use): an arena longer than `length` needs is dropped first, so a
-        long past conversation does not make every later row that long (and slow to grow)."""
+        long past conversation does not make every later row that long (and slow to grow), and
+        one too small is dropped rather than copied into the new one (nothing in it is used)."""
         needed_cap = -(-length // ARENA_GROW) * ARENA_GROW
-        if idle and self.capacity > needed_cap:
+        too_small = rows > self.rows or length > self.capacity
+        if idle and (self.capacity > needed_cap or too_small):
             self.drop()
         if rows <= self.rows and length <= self.capacity:
             return True

@@ -130,6 +130,21 @@ def test_an_idle_arena_shrinks_to_the_next_request():
     assert store.used_bytes == arena.nbytes < long_bytes
 
 
+def test_a_busy_arena_grows_with_its_rows_and_an_idle_one_starts_afresh():
+    """Growing under a row in use keeps what the rows hold; growing an idle arena (the next turn
+    of a conversation that outgrew it) copies nothing: its rows are loaded anew."""
+    store = KVStore(1 << 30)
+    arena = Arena.for_model(store, tiny_model(), max_rows=4)
+    assert arena.ensure(1, 100)
+    arena.data.fill_(1.0)
+    assert arena.ensure(1, 600)  # busy
+    assert arena.capacity == 768 and float(arena.data[:, :, 0, :, :ARENA_GROW].min()) == 1.0
+    assert float(arena.data[:, :, 0, :, ARENA_GROW:].abs().max()) == 0.0
+    assert arena.ensure(1, 900, idle=True)
+    assert arena.capacity == 1024 and float(arena.data.abs().max()) == 0.0
+    assert store.used_bytes == arena.nbytes
+
+
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}],
