@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engine_decode import grouped_attention, position_bias  # noqa: E402
-from server.engine_flashdecode import flash_decode, supports  # noqa: E402
+from server.engine_flashdecode import flash_decode, graph_us, supports  # noqa: E402
 
 REPS = 200
 
@@ -57,24 +57,6 @@ def candidates(q, keys, values, bias, pos, scale: float) -> list:
         cases.append(lambda: flash_decode(q, keys, values, new, pos, scale))
         cases.append(lambda: flash_decode(q, keys, values, new, pos, scale, 1))
     return cases
-
-
-def time_us(fn, reps: int = REPS) -> float:
-    """Mean time of one call replayed from a CUDA graph of `reps` calls (as the step runs)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
 
 
 def main() -> None:
@@ -115,7 +97,7 @@ def main() -> None:
                     got = case().reshape(rows, hkv, g, dh)
                     if names[i + 1] != "flash*":
                         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
-                    row.append(time_us(case))
+                    row.append(graph_us(case, reps=REPS))
                 except Exception as err:  # a backend that refuses these shapes
                     print(f"  {names[i + 1]}: {type(err).__name__}: {str(err)[:120]}")
                     row.append(float("nan"))

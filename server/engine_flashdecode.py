@@ -198,16 +198,16 @@ def sdpa_decode(
     return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias, scale=scale)
 
 
-def graph_us(run, context=contextlib.nullcontext) -> float:
-    """Mean GPU time of one call, replayed from a CUDA graph of `TIMING_REPS` calls (as the
-    step runs: no launch cost; the Triton launcher's own is tens of us), inside `context()`."""
+def graph_us(run, context=contextlib.nullcontext, reps: int = TIMING_REPS) -> float:
+    """Mean GPU time of one call, replayed from a CUDA graph of `reps` calls (as the step
+    runs: no launch cost; the Triton launcher's own is tens of us), inside `context()`."""
     with context():
         for _ in range(3):
             run()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            for _ in range(TIMING_REPS):
+            for _ in range(reps):
                 run()
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -215,7 +215,7 @@ def graph_us(run, context=contextlib.nullcontext) -> float:
     graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / TIMING_REPS * 1e3
+    return start.elapsed_time(end) / reps * 1e3
 
 
 def pick_attention(
