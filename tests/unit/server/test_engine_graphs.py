@@ -136,12 +136,18 @@ def test_one_graph_per_rows_and_key_block_and_a_new_arena_drops_them():
 @CUDA
 @GQA_AND_MHA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cuda_graph_replays_equal_the_forward(overrides, dtype):
+@pytest.mark.parametrize("attention", [None, "flash"], ids=["timed", "flash"])
+def test_cuda_graph_replays_equal_the_forward(overrides, dtype, attention):
+    """Graphs (one row, then three) replay the forward's logits, attending as timing chose and
+    with the split-keys kernel (server/engine_flashdecode.py) by name."""
     model = tiny_model("cuda", dtype, **overrides)
     seqs = [torch.randint(0, VOCAB, (n,), device="cuda") for n in LENGTHS]
     expected = forward_logits(model, seqs)  # [3, V]
     lean = LeanDecode(model, compiled=True)
     assert lean.graphs is not None and lean.row_step is None and lean.fused is not None
+    if attention is not None:
+        lean.fused = FusedPieces(lean, model.config, attention=attention)
+        lean.fused.warm_up()
     arena = Arena.for_model(KVStore(1 << 30), model, max_rows=4)
     assert arena.ensure(len(seqs), max(LENGTHS))
     got = decode_rows(lean, arena, seqs)
