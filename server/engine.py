@@ -7,12 +7,7 @@ here runs on the engine thread; other threads talk to it through `call` (a comma
 between steps), so cancellation and new requests take effect within one step.
 
 Greedy decoding on CUDA graphs launches each step before the last one's tokens reach the host
-(`Ahead`): the graph's inputs take the last step's argmax on the device, so detokenising,
-events and bookkeeping overlap the device's work instead of adding to it. On an H100 (Llama-2-7B
-shape, bf16, `bench/bench_worker.py --quick`): single stream 176.0 tok/s against 168.0 with
-every step waiting, 78% / 75% of the 225 tok/s bandwidth bound. A step launched for rows that
-then change (one ended, a request arrived) is dropped: its K/V writes are past the ended rows'
-keys or written again, the same, by the next step.
+(server/engine_ahead.py).
 
 Dims: B decoding rows, Q prefill chunk positions, D LLM width, V vocabulary.
 """
@@ -25,13 +20,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
 from model.errors import MessageFormatError
 from model.llm import LoadedLLM
 from server import engine_forward as forward
+from server.engine_ahead import Ahead, launch_next, may_chain
 from server.engine_batch import Arena, PackedPrefill, SlotCache
 from server.engine_decode import GQA_SDPA
 from server.engine_lean import LeanDecode
@@ -43,42 +38,6 @@ from server.threads import DEFAULT_THREADS
 log = logging.getLogger(__name__)
 
 Done = tuple[EngineRequest, FinishReason, BaseException | None]
-
-
-@dataclass
-class Ahead:
-    """A greedy decode step's tokens on their way to the host: `rows` at `positions` (each
-    row's cached length when the step is consumed) and the tokens [B], copied into pinned
-    memory behind the step on a CUDA device (`ready` says when they have landed)."""
-
-    rows: list[EngineRequest]
-    positions: list[int]
-    ids: torch.Tensor  # [B] on the device: what the step after this one is fed
-    host: torch.Tensor  # [B]
-    ready: torch.cuda.Event | None
-
-    @classmethod
-    def of(cls, rows: list[EngineRequest], positions: list[int], logits: torch.Tensor) -> Ahead:
-        ids = logits.argmax(dim=-1)  # [B]
-        if not ids.is_cuda:
-            return cls(rows, positions, ids, ids, None)
-        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-        host.copy_(ids, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return cls(rows, positions, ids, host, ready)
-
-    def serves(self, rows: list[EngineRequest]) -> bool:
-        """Whether these are the rows, in this order and at these lengths, it was launched for."""
-        return len(rows) == len(self.rows) and all(
-            a is b and len(a.row_keys) == p
-            for a, b, p in zip(rows, self.rows, self.positions, strict=True)
-        )
-
-    def tokens(self) -> list[int]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return self.host.tolist()
 
 
 class Engine:
@@ -346,7 +305,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         """Decode every running row one token. Where every row is greedy and nothing waits (see
-        `_may_chain`), the next step is launched on the device before this one's tokens reach
+        `may_chain`), the next step is launched on the device before this one's tokens reach
         the host, so their text, events and bookkeeping run while the device computes."""
         ahead, self.ahead = self.ahead, None
         if not self.decoding:
@@ -360,12 +319,12 @@ class Engine:
         failed: dict[int, BaseException] = {}
         if ahead is None or not ahead.serves(self.decoding):
             logits, failed = self._forward_rows()  # [B, V]
-            if failed or not self._may_chain():
+            if failed or not may_chain(self):
                 self._accept(sample_rows(self.decoding, logits), failed)
                 return
             rows = list(self.decoding)
             ahead = Ahead.of(rows, [len(r.row_keys) for r in rows], logits)
-        self.ahead = self._launch_next(ahead) if self._may_chain() else None
+        self.ahead = launch_next(self, ahead) if may_chain(self) else None
         self._accept(ahead.tokens(), failed)
 
     def _accept(self, tokens: list[int], failed: dict[int, BaseException]) -> None:
@@ -382,37 +341,6 @@ class Engine:
             self.ahead = None  # launched for rows that change now (its K/V writes past the
             # ended rows' keys are never read; the others' are written again, the same)
         self._retire(done)
-
-    def _may_chain(self) -> bool:
-        """Whether the step after this one may be launched before this one's tokens are known:
-        CUDA graphs, every row greedy and not at its token limit, no request waiting, being
-        prefilled or on its way in a command, and room for one more position."""
-        lean = self.lean
-        if not self.launch_ahead or lean is None or lean.graphs is None:
-            return False
-        if self.waiting or self.prefilling:
-            return False
-        if not self.commands.empty():
-            return False
-        for req in self.decoding:
-            params = req.params
-            if params.temperature > 0.0 or req.completion_tokens + 1 >= params.max_new_tokens:
-                return False
-        need = max(len(r.row_keys) for r in self.decoding) + 2  # this step's token and the next's
-        return need <= min(self.arena.capacity, self.max_positions)
-
-    def _launch_next(self, ahead: Ahead) -> Ahead | None:
-        """The next step for `ahead`'s rows, fed its tokens on the device; None where the last
-        step's graph cannot serve it (the normal step then runs next time)."""
-        try:
-            logits = self.lean.graphs.chain(self.arena, 0, len(ahead.rows), ahead.ids)
-        except Exception as err:  # the normal step runs next time, and reports what fails
-            log.warning("launching the next decode step ahead failed: %r", err)
-            return None
-        if logits is None:
-            return None
-        self.chained += 1
-        return Ahead.of(ahead.rows, [p + 1 for p in ahead.positions], logits)
 
     def _check_room(self) -> list[Done]:
         """Grow the arena for one more position per row; rows that cannot grow end ('length')."""
