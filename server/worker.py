@@ -5,33 +5,28 @@ audio decoding and encoding run on one encoder thread; forward passes run on the
 (server/engine.py), whose events come back through `loop.call_soon_threadsafe` into one
 `asyncio.Queue` per request. No tensor leaves this module.
 
-Streamed audio is prefilled as it is heard: each encoded window goes into the session's KV cache
-at once (a prefill-only engine request, one at a time per session, none while it answers), so
-the commit prefills only the last window and the turn's closing tokens.
+Streamed audio (pushes, drafts at pauses, the commit, prefills of what was heard) is a mixin:
+server/worker_audio.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
-from asyncio import Task
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
 
-from model.config import SAMPLE_RATE
 from model.decoding import SamplingParams
 from model.errors import MessageFormatError
 from model.messages import AudioPart, Turn, parse_messages
 from model.speech_llm import SpeechLLM
 from server.engine import Engine
-from server.engine_request import EngineRequest, PromptPlan, plan_heard, plan_prompt
+from server.engine_request import EngineRequest, PromptPlan, plan_prompt
 from server.kv_cache import KVStore
 from server.protocol import (
-    ErrorEvent,
     Event,
     Finished,
     FinishReason,
@@ -44,16 +39,12 @@ from server.protocol import (
 from server.sessions import (
     ENCODED_AUDIO_BYTES,
     STREAM_WINDOW,
-    AudioStream,
-    Draft,
     EncodedAudio,
     Session,
-    Windows,
-    check_commit_length,
-    decode_pcm16,
     new_session,
 )
 from server.threads import single_threaded
+from server.worker_audio import AudioStreaming
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +52,7 @@ DEFAULT_KV_BUDGET = 2 << 30  # bytes
 T = TypeVar("T")
 
 
-class Worker:
+class Worker(AudioStreaming):
     """Sessions, stateless requests and streaming audio over one engine thread."""
 
     def __init__(
@@ -277,120 +268,6 @@ class Worker:
             emb = self.speech_llm.encode_audio(part)
             self._encoded.put(part.digest, emb)
         return emb
-
-    # -- streaming audio -------------------------------------------------------------------
-
-    async def push_audio(self, session_id: str, pcm16: bytes, sample_rate: int) -> None:
-        """Buffer pcm16 audio; whole windows go to the encoder while the user speaks (an encoder
-        of whole turns gets a draft of the turn at each pause instead)."""
-        session = self._session(session_id)
-        wav = await self._off_loop(decode_pcm16, pcm16, sample_rate)  # [T_wav]
-        stream, encoder = session.stream, self.speech_llm.encoder
-        for window in stream.push(wav):
-            if encoder is not None:
-                stream.windows.append(self._pool.submit(encoder.encode_one, window))
-                seconds = len(stream.windows) * stream.window_seconds
-                self._heard(session, stream.key, seconds, list(stream.windows))
-        if encoder is not None and stream.wants_draft():  # a pause: draft the whole turn
-            end = stream.loud_end
-            embeddings = self._pool.submit(encoder.encode_one, stream.speech())
-            stream.draft = Draft(f"{stream.key}-{end}", end, embeddings)
-            self._heard(session, stream.draft.key, end / SAMPLE_RATE, [embeddings])
-
-    def _heard(self, session: Session, key: str, seconds: float, windows: Windows) -> None:
-        """Prefill the history plus these encodings of the stream (when `stream_prefill`)."""
-        if self.stream_prefill:
-            session.prefill = asyncio.ensure_future(
-                self._prefill_heard(session, session.stream, key, seconds, windows, session.prefill)
-            )
-
-    async def commit_audio(self, session_id: str) -> float:
-        """The buffered audio becomes a user turn; returns its seconds."""
-        session = self._session(session_id)
-        stream = session.stream
-        check_commit_length(stream.samples)
-        if self.speech_llm.encoder is None:
-            raise MessageFormatError("this model has no audio encoder loaded; send text only")
-        session.reset_stream(self.stream_window_s)
-        if (draft := stream.usable_draft()) is not None:  # only a pause came after it
-            try:
-                emb = await self._off_loop(draft.embeddings.result)
-            except Exception as err:  # encoded again below, which reports what fails
-                log.warning("the draft of a streamed turn failed: %r", err)
-            else:
-                part = AudioPart(draft.key, stream.samples / SAMPLE_RATE)
-                return self._commit_turn(session, part, emb)
-        part, rest, windows = stream.whole(), stream.take_rest(), stream.windows
-        encoder = self.speech_llm.encoder
-
-        def encode_rest() -> torch.Tensor:
-            embs = [w.result() for w in windows]  # done: this pool runs in submission order
-            if rest.numel():
-                embs.append(encoder.encode_one(rest))  # [T, D]
-            return torch.cat(embs)  # [T, D]
-
-        return self._commit_turn(session, part, await self._off_loop(encode_rest))
-
-    def _commit_turn(self, session: Session, part: AudioPart, emb: torch.Tensor) -> float:
-        """The committed audio, with its embeddings [T, D], becomes the session's user turn."""
-        turn = Turn("user", (part.with_embeddings(emb),))
-        if not session.closed:
-            session.turns.append(turn)
-        self._count_audio([turn])
-        return part.duration
-
-    def clear_audio(self, session_id: str) -> None:
-        self._session(session_id).reset_stream(self.stream_window_s)
-
-    async def _prefill_heard(
-        self,
-        session: Session,
-        stream: AudioStream,
-        key: str,
-        seconds: float,
-        windows: Windows,
-        previous: Task[None] | None,
-    ) -> None:
-        """Prefill the history plus the stream's encodings (windows, or a draft) into the
-        session's cache, as an audio part keyed `key`. Skipped once the stream is committed or
-        cleared, or while the session answers."""
-        if previous is not None:
-            await asyncio.wait([previous])  # one at a time: a prefill holds the session's cache
-
-        sid = session.session_id
-
-        def idle() -> bool:
-            return not session.closed and session.stream is stream and not session.active_request
-
-        try:
-            if not idle():
-                return
-            turns = list(session.turns)
-            plan = await self._off_loop(self._plan_heard, turns, key, seconds, windows)
-            if not idle():  # checked again after the wait, then submitted at once
-                return
-            events: asyncio.Queue[Event] = asyncio.Queue()
-            req = self._engine_request(
-                uuid.uuid4().hex, SamplingParams(), plan, events,
-                session_key=session.store_key, prefill_only=True,
-            )  # fmt: skip
-            session.prefill_request = req.request_id
-            self.engine.submit(req)
-            while not isinstance(event := await events.get(), Finished):
-                if isinstance(event, ErrorEvent):
-                    log.warning("streamed-audio prefill of %s failed: %s", sid, event.message)
-        except Exception as err:  # only a head start: the commit's request prefills the rest
-            log.warning("streamed-audio prefill of %s failed: %s", sid, err)
-        finally:
-            session.prefill_request = None
-
-    def _plan_heard(
-        self, turns: list[Turn], key: str, seconds: float, windows: Windows
-    ) -> PromptPlan:
-        """Encoder thread (after the windows, which it encoded): history + the audio so far."""
-        emb = torch.cat([w.result() for w in windows])  # [T, D]
-        part = AudioPart(key, seconds, embeddings=emb)
-        return plan_heard(self.speech_llm.llm.tokenizer, [*turns, Turn("user", (part,))])
 
     # -- figures ---------------------------------------------------------------------------
 
