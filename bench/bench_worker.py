@@ -2,6 +2,10 @@
 and without cache reuse, end-of-speech TTFT of audio streamed in real time with and without
 prefilling it as it is heard, and aggregate throughput at 1, 4 and 16 concurrent sessions.
 
+Audio turns are given as encoder outputs (random embeddings at a frame encoder's 12.5 a second),
+so those TTFTs time the LLM alone; where espeak-ng is installed, spoken turns (real speech, the
+loaded encoder run on it: the shipped one with the embedded default) add the product's TTFT.
+
 Usage:
   python bench/bench_worker.py                                  # embedded SmolLM2 on this CPU
   python bench/bench_worker.py --dtype bfloat16 --threads 2
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -35,11 +40,12 @@ from bench.models import (  # noqa: E402
     generate_rate,
     measure_bandwidth,
 )
+from bench.speech import spoken_turns  # noqa: E402
 from model.audio import pcm16_bytes  # noqa: E402
 from model.config import SAMPLE_RATE  # noqa: E402
 from model.decoding import SamplingParams  # noqa: E402
 from model.llm import LoadedLLM  # noqa: E402
-from model.messages import AudioPart, Turn  # noqa: E402
+from model.messages import AudioPart, Turn, audio_part_from_waveform  # noqa: E402
 from model.speech_llm import SpeechLLM  # noqa: E402
 from server.engine_forward import DECODE_STEPS  # noqa: E402
 from server.protocol import GenerateRequest, TextDelta, Usage  # noqa: E402
@@ -118,12 +124,12 @@ async def audio_ttft(
     return out
 
 
-async def speak_in_real_time(worker: Worker, sid: str, seed: int, reply_tokens: int) -> float:
-    """Push AUDIO_SECONDS of audio (low noise: the encoder's cost, not its words, matters here)
-    in PUSH_SECONDS chunks at the pace it is spoken, commit, answer -> s from the end of speech
-    to the first text."""
-    gen = torch.Generator().manual_seed(seed)
-    pcm = pcm16_bytes(0.05 * torch.randn(int(AUDIO_SECONDS * SAMPLE_RATE), generator=gen))
+async def speak_in_real_time(
+    worker: Worker, sid: str, wav: torch.Tensor, reply_tokens: int
+) -> float:
+    """Push `wav` [T_wav] in PUSH_SECONDS chunks at the pace it is spoken, commit, answer -> s
+    from the last push (the end of speech) to the first text."""
+    pcm = pcm16_bytes(wav)
     step = int(PUSH_SECONDS * SAMPLE_RATE) * 2  # bytes
     begin = time.perf_counter()
     for i, start in enumerate(range(0, len(pcm), step)):
@@ -144,14 +150,45 @@ async def streamed_ttft(worker: Worker, llm: LoadedLLM, reply_tokens: int, seed:
         for turn in range(1, 11):
             if turn in (1, 10):
                 key = f"{'heard' if prefill else 'commit'}{turn}"
-                seed_t = 1000 * seed + 10 * turn + prefill
-                out[key] = await speak_in_real_time(worker, sid, seed_t, reply_tokens)
+                gen = torch.Generator().manual_seed(1000 * seed + 10 * turn + prefill)
+                # low noise: the encoder's cost, not its words, matters here
+                noise = 0.05 * torch.randn(int(AUDIO_SECONDS * SAMPLE_RATE), generator=gen)
+                out[key] = await speak_in_real_time(worker, sid, noise, reply_tokens)
                 continue
             audio = audio_turn(llm.hidden_size, 1000 * seed + turn + 500 * prefill, llm.device)
             await worker.append_messages(sid, [audio])
             await run_request(worker, reply_tokens, session_id=sid)
         worker.close_session(sid)
     worker.stream_prefill = True
+    return out
+
+
+async def spoken_ttft(
+    worker: Worker, speeches: list[torch.Tensor], reply_tokens: int, repeat: int
+) -> dict[str, float]:
+    """The loaded encoder on real speech: TTFT of a whole spoken turn (encoded once it has
+    arrived, as over REST; from its arrival) and of one streamed in real time (from the end of
+    the pushes), at turns 1 and 10. Both say `speeches[0]` [T_wav] (so only the history differs);
+    turns 2-9 say the next ones. `repeat` pads each turn with its own few samples of silence, so
+    no run finds another's encodings cached."""
+    out = {}
+    for streamed in (False, True):
+        sid = worker.open_session(system_prompt="You are a helpful voice assistant.")
+        for turn in range(1, 11):
+            speech = speeches[0 if turn in (1, 10) else turn - 1]
+            pad = 1 + 4 * repeat + 2 * streamed + (turn == 10)
+            wav = torch.nn.functional.pad(speech, (0, pad))  # [T_wav]
+            if streamed and turn in (1, 10):
+                out[f"streamed{turn}"] = await speak_in_real_time(worker, sid, wav, reply_tokens)
+                continue
+            start = time.perf_counter()
+            await worker.append_messages(sid, [Turn("user", (audio_part_from_waveform(wav),))])
+            result = await run_request(worker, reply_tokens, start, session_id=sid)
+            if not streamed and turn in (1, 10):
+                out[f"whole{turn}"] = result["ttft"]
+                out[f"prefilled{turn}"] = result["prefilled"]
+                out[f"cached{turn}"] = result["cached"]
+        worker.close_session(sid)
     return out
 
 
@@ -179,7 +216,9 @@ async def concurrency(worker: Worker, sessions: int, n: int) -> dict[str, float]
     }
 
 
-async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[str, object]:
+async def bench_worker(
+    speech_llm: SpeechLLM, args: argparse.Namespace, speeches: list[torch.Tensor]
+) -> dict[str, object]:
     budget = int(args.kv_budget_gb * (1 << 30))
     worker = Worker(
         speech_llm,
@@ -202,9 +241,13 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
     for measure in (audio_ttft, streamed_ttft):
         runs = [await measure(worker, speech_llm.llm, args.reply_tokens, s) for s in range(REPEATS)]
         ttft |= {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    spoken = {}
+    if speeches:
+        runs = [await spoken_ttft(worker, speeches, args.reply_tokens, r) for r in range(REPEATS)]
+        spoken = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     if args.quick:
         await worker.stop()
-        return {"single": single, "ttft": ttft}
+        return {"single": single, "ttft": ttft, "spoken": spoken}
     conc = {s: await median_run(concurrency, worker, s, args.tokens) for s in (1, 4, 16)}
     matmuls = None  # CPU: 1 and 16 sessions again without the C++ kernels (torch ops)
     lean = worker.engine.lean
@@ -234,9 +277,29 @@ async def bench_worker(speech_llm: SpeechLLM, args: argparse.Namespace) -> dict[
         others[step] = await single_stream(other, args.tokens)
         await other.stop()
     return {
-        "single": single, "ttft": ttft, "conc": conc, "serial16": conc_serial, "others": others,
-        "matmuls": matmuls,
+        "single": single, "ttft": ttft, "spoken": spoken, "conc": conc, "serial16": conc_serial,
+        "others": others, "matmuls": matmuls,
     }  # fmt: skip
+
+
+def spoken_table(spoken: dict[str, float], kind: str) -> list[tuple[str, str, str]]:
+    """Rows for `spoken_ttft`'s figures (none when it did not run)."""
+    if not spoken:
+        return [("spoken turns: not measured (no espeak-ng)", "", "")]
+    return [
+        ("spoken 5 s turn (espeak-ng), encoder run on it:", "", f"the {kind} encoder"),
+        ("  whole turn, TTFT turn 1 / turn 10 (ms)",
+         f"{1e3 * spoken['whole1']:.1f} / {1e3 * spoken['whole10']:.1f}",
+         f"encoder in; {spoken['prefilled1']:.0f} / {spoken['prefilled10']:.0f} positions "
+         f"prefilled, over {spoken['cached10']:.0f} cached at turn 10"),
+        ("  turn 10 / turn 1, whole turn", f"{spoken['whole10'] / spoken['whole1']:.2f}x",
+         "<= 1.3x"),
+        ("  streamed in real time, turn 1 / turn 10 (ms)",
+         f"{1e3 * spoken['streamed1']:.1f} / {1e3 * spoken['streamed10']:.1f}",
+         "end of speech to first text"),
+        ("  turn 10 / turn 1, streamed", f"{spoken['streamed10'] / spoken['streamed1']:.2f}x",
+         "<= 1.3x"),
+    ]  # fmt: skip
 
 
 def print_table(rows: list[tuple[str, str, str]]) -> None:
@@ -283,7 +346,10 @@ def main() -> None:
     logging.getLogger("server.engine_flashdecode").setLevel(logging.INFO)  # the timed choice
     single_threaded()
     ears = on_own_thread(build_ears, llm, args, threads=args.threads)
-    res = asyncio.run(bench_worker(SpeechLLM(llm, ears), args))
+    # real speech where espeak-ng is installed (not on a bare GPU machine)
+    speeches = spoken_turns(AUDIO_SECONDS) if shutil.which("espeak-ng") else []
+    res = asyncio.run(bench_worker(SpeechLLM(llm, ears), args, speeches))
+    spoken_rows = spoken_table(res["spoken"], ears.config.kind)
     if args.quick:
         single, ttft = res["single"], res["ttft"]
         print(f"\n{llm.name} on {args.device}, quick run")
@@ -300,6 +366,7 @@ def main() -> None:
         print(f"streamed 5 s turn, end of speech to first text, turn 1 / 10: prefilled as heard "
               f"{1e3 * ttft['heard1']:.1f} / {1e3 * ttft['heard10']:.1f} ms, at the commit "
               f"{1e3 * ttft['commit1']:.1f} / {1e3 * ttft['commit10']:.1f} ms")  # fmt: skip
+        print_table(spoken_rows)
         return
     single, ttft, conc, serial16 = res["single"], res["ttft"], res["conc"], res["serial16"]
     where = torch.cuda.get_device_name(device) if gpu else f"{args.device}, {threads} threads"
@@ -336,6 +403,7 @@ def main() -> None:
          f"{1e3 * ttft['commit1']:.1f} / {1e3 * ttft['commit10']:.1f}", ""),
         ("  turn 10 / turn 1, prefilled as heard", f"{ttft['heard10'] / ttft['heard1']:.2f}x",
          "<= 1.3x"),
+        *spoken_rows,
         *[
             row
             for s, c in conc.items()
