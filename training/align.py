@@ -1,8 +1,9 @@
 """Modal-invariance alignment: train the encoder so the frozen LLM answers speech as it does text.
 
 Loss: cross-entropy of the frozen LLM's own text-prompted response given the audio prompt (the
-paper), optionally plus KL to the text-prompted LLM's next-token distributions (Ultravox-style)
-and token CTC of the transcript on the encoder's outputs (`ctc_weight`, training/token_ctc.py).
+paper), optionally plus KL to the text-prompted LLM's next-token distributions (Ultravox-style),
+token CTC of the transcript on the encoder's outputs (`ctc_weight`, training/token_ctc.py), and a
+pull towards the encoder's untrained outputs (`anchor_weight`, `AudioEncoder.anchor`).
 Logits are computed only at response positions. Resumable, DDP-aware (`torchrun`), bf16 autocast
 on CUDA, loss curves written as a PNG.
 
@@ -59,7 +60,8 @@ def alignment_loss(
     cfg: AlignConfig,
     ctc: TokenTask | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE (+ KL to the text-prompted teacher, + `ctc`'s token CTC) on one collated batch."""
+    """CE (+ KL to the text-prompted teacher, + `ctc`'s token CTC, + the anchor's pull) on one
+    collated batch."""
     device = llm.device
     emb, emb_len = encode_batch(encoder, batch, device)  # [B, T, D], [B]
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
@@ -73,6 +75,11 @@ def alignment_loss(
     if ctc is not None and cfg.ctc_weight > 0:
         ctc_loss, stats["ctc"] = token_ctc_loss(ctc, emb, emb_len, batch["texts"])
         loss = loss + cfg.ctc_weight * ctc_loss
+    if cfg.anchor_weight > 0:
+        departure = anchor_departure(encoder, batch, emb, emb_len, device)
+        if departure is not None:
+            stats["anchor"] = float(departure.detach())
+            loss = loss + cfg.anchor_weight * departure
     if cfg.kl_weight <= 0:
         return loss, stats
     with torch.no_grad():
@@ -90,6 +97,26 @@ def alignment_loss(
     )
     stats["kl"] = float(kl.detach())
     return loss + cfg.kl_weight * kl, stats
+
+
+def anchor_departure(
+    encoder: torch.nn.Module,
+    batch: dict,
+    emb: torch.Tensor,
+    emb_len: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """Mean squared distance of the outputs emb [B, T, D] from the encoder's untrained ones over
+    the latter's mean squared norm (valid positions only); None for an encoder without an anchor."""
+    inputs = batch["waveforms"].to(device)
+    lengths = batch["lengths"].to(device)
+    plain = getattr(encoder, "module", encoder)  # DDP's wrapped module: its anchor is no_grad
+    anchor = plain.anchor(inputs, lengths, precomputed=inputs.ndim == 3)  # [B, T, D] or None
+    if anchor is None:
+        return None
+    valid = torch.arange(emb.shape[1], device=device)[None] < emb_len[:, None]  # [B, T]
+    moved = (emb.float() - anchor.float()).square().sum(-1)[valid]  # [valid positions]
+    return moved.mean() / anchor.float().square().sum(-1)[valid].mean().clamp(min=1e-8)
 
 
 def build_encoder_for(cfg: AlignConfig | CTCConfig, llm: LoadedLLM) -> torch.nn.Module:

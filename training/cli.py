@@ -169,6 +169,9 @@ def add_align_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_common(p)
     p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
     p.add_argument("--ctc-weight", type=float, default=None, help="> 0 adds token CTC")
+    p.add_argument(
+        "--anchor-weight", type=float, default=None, help="> 0 pulls towards the untrained start"
+    )
     p.add_argument("--max-response-tokens", type=int, default=None, help="truncate targets")
     p.add_argument(
         "--trainable-layers", type=int, default=None, help="whisper: top layers trained too"
@@ -189,6 +192,7 @@ def run_align(args: argparse.Namespace) -> int:
         **_common_overrides(args),
         kl_weight=args.kl_weight,
         ctc_weight=args.ctc_weight,
+        anchor_weight=args.anchor_weight,
         max_response_tokens=args.max_response_tokens,
         trainable_layers=args.trainable_layers,
         whisper_lr_scale=args.whisper_lr_scale,

@@ -230,6 +230,10 @@ class AlignConfig:
     # typed words' embeddings while the answers are learned
     ctc_weight: float = 0.0
     ctc_min_count: int = 2  # tokens seen fewer times in the train transcripts are not classified
+    # > 0 penalises the outputs' departure from the encoder's untrained start (whisper_decoder:
+    # the correction's squared norm over the mixture's), keeping the spoken words' embeddings
+    # near the typed words' while the answers are learned
+    anchor_weight: float = 0.0
     max_response_tokens: int = 48  # tokens; responses are truncated for speed
     max_audio_seconds: float = 30.0  # s
     frame_cache: str | None = None  # folder for the frozen Whisper's outputs, computed once

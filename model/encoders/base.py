@@ -57,6 +57,13 @@ class AudioEncoder(nn.Module, ABC):
         emb, emb_len = self(wav, lengths)  # [1, T, D_llm]
         return emb[0, : int(emb_len[0])]  # [T, D_llm]
 
+    def anchor(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor, precomputed: bool = False
+    ) -> torch.Tensor | None:
+        """What `forward` would give with its trained part at its start [B, T, D_llm] (no
+        gradient), for training to stay near; None where the start means nothing (random)."""
+        return None
+
     def stored_dtype(self, name: str) -> torch.dtype:
         """The dtype a checkpoint stores trained weight `name` in."""
         return torch.float32

@@ -84,15 +84,31 @@ class WhisperDecoderEncoder(AudioEncoder):
         With `precomputed`, the inputs are `front()` outputs: decoder states [B, L, D], lengths."""
         if not precomputed:
             waveforms, lengths = self.front(waveforms, lengths)  # [B, L, D], [B]
-        states = waveforms.to(self.whisper.proj_out.weight.dtype)  # [B, L, D]
+        mixed = self.mixture(waveforms)  # [B, L, D_llm]
+        out = mixed + self.correction(waveforms.float())  # [B, L, D_llm]
+        return out * lengths_to_mask(lengths, out.shape[1])[..., None], lengths
+
+    @torch.no_grad()
+    def anchor(
+        self, waveforms: torch.Tensor, lengths: torch.Tensor, precomputed: bool = False
+    ) -> torch.Tensor:
+        """The plain mixture, as the start's zero correction gives [B, L, D_llm]; `forward`'s
+        output minus this is the correction alone."""
+        if not precomputed:
+            waveforms, lengths = self.front(waveforms, lengths)  # [B, L, D], [B]
+        mixed = self.mixture(waveforms)  # [B, L, D_llm]
+        return mixed * lengths_to_mask(lengths, mixed.shape[1])[..., None]
+
+    def mixture(self, states: torch.Tensor) -> torch.Tensor:
+        """Decoder states [B, L, D] -> the LLM embeddings of Whisper's top candidates mixed by
+        its probabilities [B, L, D_llm], float32."""
+        states = states.to(self.whisper.proj_out.weight.dtype)  # [B, L, D]
         text_vocab = self.pieces.shape[0]
         logits = (states @ self.whisper.proj_out.weight[:text_vocab].T).float()  # [B, L, V]
         logits = logits.masked_fill(self.blocked, -torch.inf)  # [B, L, V]
         top = logits.topk(self.config.soft_candidates, dim=-1)  # [B, L, K]
         probs = (top.values / self.log_temperature.exp()).softmax(-1)  # [B, L, K]
-        mixed = (probs[..., None] * self.token_embeddings(top.indices)).sum(2)  # [B, L, D_llm]
-        out = mixed + self.correction(waveforms.float())  # [B, L, D_llm]
-        return out * lengths_to_mask(lengths, out.shape[1])[..., None], lengths
+        return (probs[..., None] * self.token_embeddings(top.indices)).sum(2)  # [B, L, D_llm]
 
     def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whisper text token ids [...] -> the mean LLM embedding of each one's pieces

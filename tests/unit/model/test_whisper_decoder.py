@@ -13,6 +13,7 @@ from model.asr import WhisperASR
 from model.checkpoint import load_encoder, save_encoder
 from model.config import EncoderConfig
 from model.encoders import build_encoder
+from model.encoders.base import lengths_to_mask
 from model.encoders.whisper_decoder import WhisperDecoderEncoder, whisper_to_llm_pieces
 from model.errors import CheckpointFormatError
 from model.whisper_ct2 import default_ct2_dir
@@ -117,6 +118,26 @@ def test_only_the_correction_trains_and_reaches_the_checkpoint(tiny_llm, tmp_pat
     torch.testing.assert_close(again(wav, lengths)[0], enc.eval()(wav, lengths)[0])
     with pytest.raises(CheckpointFormatError, match="loads with its LLM"):
         load_encoder(tmp_path / "enc", tiny_llm.identity)
+
+
+def test_anchor_is_the_output_without_its_correction(tiny_llm):
+    """The anchor (what training may be pulled back to) is the untrained output: equal to it at
+    the start, and the output minus the correction once that has moved; it carries no gradient."""
+    torch.manual_seed(0)
+    enc = build_encoder(config(tiny_llm, "tiny-random"), tiny_llm).eval()
+    wavs, lengths = pad_waveforms([0.1 * torch.randn(8000), 0.1 * torch.randn(4000)])
+    frames, frame_lengths = enc.front(wavs, lengths)
+    out, _ = enc(frames, frame_lengths, precomputed=True)  # [2, L, D_llm]
+    torch.testing.assert_close(enc.anchor(frames, frame_lengths, precomputed=True), out)
+    torch.testing.assert_close(enc.anchor(wavs, lengths), out)
+    with torch.no_grad():
+        enc.correction[-1].bias.fill_(0.5)
+    moved, _ = enc(frames, frame_lengths, precomputed=True)
+    anchor = enc.anchor(frames, frame_lengths, precomputed=True)
+    assert not anchor.requires_grad
+    valid = lengths_to_mask(frame_lengths, out.shape[1])  # [2, L]
+    torch.testing.assert_close((moved - anchor)[valid], torch.full_like(moved[valid], 0.5))
+    assert anchor[~valid].abs().sum() == 0 and moved[~valid].abs().sum() == 0
 
 
 def test_kind_rules(tiny_llm):

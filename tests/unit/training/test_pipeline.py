@@ -300,12 +300,15 @@ def test_align_trains_the_whisper_decoder_correction_on_cached_states(
     cfg = AlignConfig(
         llm=str(tiny_llm_dir), encoder_kind="whisper_decoder", frame_cache=str(frames), steps=3,
         batch_size=4, lr=3e-3, warmup_steps=1, num_workers=0, eval_every=3,
-        max_response_tokens=8, encoder_overrides={"adapter_hidden": 32},
+        max_response_tokens=8, encoder_overrides={"adapter_hidden": 32}, anchor_weight=1.0,
     )  # fmt: skip
     manifests = [corpus / "train.jsonl", corpus / "dev.jsonl"]
     out = align(cfg, manifests, tmp_path / "run")
-    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    record = records[-1]
     assert record["step"] == 3 and record["dev_ce"] > 0
+    anchors = [r["anchor"] for r in records if "anchor" in r]  # the correction's pull, logged
+    assert len(anchors) == 3 and anchors[0] == 0.0 and anchors[-1] > 0  # zero until it moves
     n_utts = len(read_manifest(manifests[0])) + len(read_manifest(manifests[1]))
     cached = sorted(frames.rglob("*.npy"))
     assert len(cached) == n_utts  # Whisper's decoder states, one file per utterance
