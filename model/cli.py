@@ -31,6 +31,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "respond": ("training.cli", "add the frozen LLM's answer to every manifest line"),
     "pretrain-ctc": ("training.cli", "character CTC pretraining of the conformer encoder"),
     "align": ("training.cli", "modal-invariance alignment of an encoder to the frozen LLM"),
+    "scale-correction": (
+        "training.cli",
+        "pull a whisper_decoder encoder part of the way back to its untrained start",
+    ),
     "evaluate": ("training.cli", "perplexity and QA: text vs end-to-end vs cascade"),
 }
 

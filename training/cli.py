@@ -231,6 +231,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_scale_correction_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("encoder", help="a whisper_decoder checkpoint dir or 'default'")
+    p.add_argument("--scale", type=float, required=True, help="weight of the trained correction")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
+    p.add_argument("--llm", default="default")
+
+
+def run_scale_correction(args: argparse.Namespace) -> int:
+    from training.interpolate import scale_correction
+
+    print(scale_correction(args.encoder, args.scale, args.out, args.llm))
+    return 0
+
+
 def add_synth_qa_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("data/qa"))
 

@@ -110,6 +110,14 @@ class WhisperDecoderEncoder(AudioEncoder):
         probs = (top.values / self.log_temperature.exp()).softmax(-1)  # [B, L, K]
         return (probs[..., None] * self.token_embeddings(top.indices)).sum(2)  # [B, L, D_llm]
 
+    @torch.no_grad()
+    def scale_correction(self, scale: float) -> None:
+        """Weight the trained correction by `scale` in every embedding (its last layer's weights
+        scaled): 0 gives the untrained mixture, 1 the trained encoder, between them a point on
+        the line from one to the other."""
+        self.correction[-1].weight.mul_(scale)
+        self.correction[-1].bias.mul_(scale)
+
     def token_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         """Whisper text token ids [...] -> the mean LLM embedding of each one's pieces
         [..., D_llm], float32; computed once per distinct token (a batch's candidates repeat)."""

@@ -140,6 +140,33 @@ def test_anchor_is_the_output_without_its_correction(tiny_llm):
     assert anchor[~valid].abs().sum() == 0 and moved[~valid].abs().sum() == 0
 
 
+def test_scale_correction_moves_a_checkpoint_towards_its_start(tiny_llm, tiny_llm_dir, tmp_path):
+    """`speechchat scale-correction` writes the encoder whose outputs lie `scale` of the way from
+    the untrained mixture to the trained ones, and records the scale."""
+    from model.cli import main
+
+    torch.manual_seed(0)
+    enc = build_encoder(config(tiny_llm, "tiny-random"), tiny_llm).eval()
+    with torch.no_grad():
+        for p in enc.correction.parameters():
+            p.normal_(0.0, 0.5)  # a trained-looking correction
+    save_encoder(tmp_path / "trained", enc, tiny_llm.identity, training={"steps": 3})
+    argv = ["scale-correction", str(tmp_path / "trained"), "--scale", "0.25", "--llm"]
+    assert main([*argv, str(tiny_llm_dir), "--out", str(tmp_path / "scaled")]) == 0
+    scaled, _, record = load_encoder(tmp_path / "scaled", tiny_llm)
+    assert record == {
+        "steps": 3,
+        "correction_scale": 0.25,
+        "scaled_from": str(tmp_path / "trained"),
+    }
+    wav, lengths = 0.1 * torch.randn(1, 8000), torch.tensor([8000])
+    start, trained = enc.anchor(wav, lengths), enc(wav, lengths)[0]
+    assert (trained - start).abs().max() > 0.1
+    torch.testing.assert_close(scaled(wav, lengths)[0], start + 0.25 * (trained - start))
+    with pytest.raises(ValueError, match="fraction"):
+        main([*argv[:3], "1.5", "--llm", str(tiny_llm_dir), "--out", str(tmp_path / "x")])
+
+
 def test_kind_rules(tiny_llm):
     with pytest.raises(ValueError, match="needs the loaded LLM"):
         build_encoder(config(tiny_llm, "tiny-random"))
