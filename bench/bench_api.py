@@ -9,14 +9,13 @@ Usage: PYTHONPATH=. python bench/bench_api.py ["spoken question text"]
 import asyncio  # noqa: E401
 import base64
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import openai
 
-from model.audio import encode_wav, load_audio_file
+from bench.speech import speak
+from model.audio import encode_wav
 from model.checkpoint import load_encoder_spec
 from model.llm import load_llm
 from model.speech_llm import SpeechLLM
@@ -27,9 +26,7 @@ from server.threads import on_own_thread, single_threaded
 from tests.e2e.conftest import CHUNK_MS, LiveServer, as_dict, pcm_chunks
 
 text = sys.argv[1] if len(sys.argv) > 1 else "What is the capital of France? Answer in a word."
-wav_path = tempfile.mkdtemp() + "/q.wav"
-subprocess.run(["espeak-ng", "-s", "150", "-w", wav_path, text], check=True)
-speech = load_audio_file(wav_path)
+speech = speak(text)
 print(f"spoken question: {speech.shape[0] / 16000:.2f} s")
 t0 = time.perf_counter()
 # loaded on threads that end, so the engine's is the only OpenMP pool (server/threads.py)

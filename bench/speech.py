@@ -1,5 +1,5 @@
 """Real speech for the benchmarks: sentences spoken by espeak-ng (a Debian package, offline),
-each padded with silence to a fixed length so every turn costs the encoder the same.
+padded with silence to a fixed length where every turn should cost the encoder the same.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ SPOKEN_TURNS = (  # ten questions of 4-5 s at that rate, one per turn of a sessi
 )
 
 
-def speak(text: str, seconds: float) -> torch.Tensor:
+def speak(text: str, seconds: float | None = None) -> torch.Tensor:
     """`text` spoken by espeak-ng -> float32 waveform [T_wav] at 16 kHz, padded with silence
-    (or cut) to `seconds`."""
+    (or cut) to `seconds` when given."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speech.wav"
         subprocess.run(
@@ -39,6 +39,8 @@ def speak(text: str, seconds: float) -> torch.Tensor:
             capture_output=True,
         )
         wav = load_audio_file(path)  # [T_wav]
+    if seconds is None:
+        return wav
     n = int(seconds * SAMPLE_RATE)
     return torch.nn.functional.pad(wav[:n], (0, max(0, n - wav.shape[0])))  # [n]
 
