@@ -63,6 +63,8 @@ def alignment_loss(
     """CE (+ KL to the text-prompted teacher, + `ctc`'s token CTC, + the anchor's pull) on one
     collated batch."""
     device = llm.device
+    if cfg.anchor_weight > 0:
+        batch = front_once(encoder, batch, device)  # the encoder and its anchor read one front
     emb, emb_len = encode_batch(encoder, batch, device)  # [B, T, D], [B]
     turns = [emb[i, : int(emb_len[i])] for i in range(emb.shape[0])]
     packed = pack_rows(llm, turns, frame, batch["responses"])
@@ -97,6 +99,17 @@ def alignment_loss(
     )
     stats["kl"] = float(kl.detach())
     return loss + cfg.kl_weight * kl, stats
+
+
+def front_once(encoder: torch.nn.Module, batch: dict, device: torch.device) -> dict:
+    """A batch of waveforms [B, T_wav] with its encoder's frozen front already run (frames
+    [B, T_f, D_f] and their lengths); the batch as it is when it holds frames already or the
+    front trains."""
+    plain = getattr(encoder, "module", encoder)
+    if batch["waveforms"].ndim == 3 or not plain.front_frozen:
+        return batch
+    frames, lengths = plain.front(batch["waveforms"].to(device), batch["lengths"].to(device))
+    return {**batch, "waveforms": frames, "lengths": lengths}
 
 
 def anchor_departure(

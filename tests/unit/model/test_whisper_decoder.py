@@ -140,6 +140,34 @@ def test_anchor_is_the_output_without_its_correction(tiny_llm):
     assert anchor[~valid].abs().sum() == 0 and moved[~valid].abs().sum() == 0
 
 
+def test_the_anchor_pull_runs_whispers_front_once_on_waveforms(tiny_llm, monkeypatch):
+    """Alignment on raw waveforms with `anchor_weight`: one Whisper decode feeds both the encoder
+    and its anchor, and the loss equals the one from the same batch's precomputed frames."""
+    from training.align import alignment_loss
+    from training.batches import PromptFrame
+    from training.config import AlignConfig
+
+    torch.manual_seed(0)
+    enc = build_encoder(config(tiny_llm, "tiny-random"), tiny_llm).train()
+    with torch.no_grad():
+        enc.correction[-1].bias.fill_(0.1)  # a correction that has moved
+    wavs, lengths = pad_waveforms([0.1 * torch.randn(8000), 0.1 * torch.randn(6000)])
+    answer = tiny_llm.tokenizer("Paris.", add_special_tokens=False)["input_ids"]
+    batch = {"waveforms": wavs, "lengths": lengths, "texts": ["a", "b"], "responses": [answer] * 2}
+    frame, cfg = PromptFrame.build(tiny_llm, None), AlignConfig(anchor_weight=1.0)
+    frames, frame_lengths = enc.front(wavs, lengths)
+    expected, stats = alignment_loss(
+        tiny_llm, enc, frame, {**batch, "waveforms": frames, "lengths": frame_lengths}, cfg
+    )
+    calls = []
+    front = enc.front
+    monkeypatch.setattr(enc, "front", lambda *a: calls.append(1) or front(*a))
+    got, got_stats = alignment_loss(tiny_llm, enc, frame, batch, cfg)
+    assert len(calls) == 1
+    assert stats["anchor"] > 0 and got_stats == stats
+    torch.testing.assert_close(got, expected)
+
+
 def test_scale_correction_moves_a_checkpoint_towards_its_start(tiny_llm, tiny_llm_dir, tmp_path):
     """`speechchat scale-correction` writes the encoder whose outputs lie `scale` of the way from
     the untrained mixture to the trained ones, and records the scale."""
