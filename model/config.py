@@ -51,6 +51,7 @@ class EncoderConfig:
     ctc_vocab: int = 0  # >0 adds a character CTC head (pretraining only)
     # whisper_decoder: Whisper's likeliest tokens mixed into each embedding
     soft_candidates: int = 8
+    asr_beams: int = 1  # Whisper's search: 1 greedy, more a beam search (states then re-read)
 
     def __post_init__(self) -> None:
         _verify_encoder(self)
@@ -74,9 +75,11 @@ def _verify_encoder(cfg: EncoderConfig) -> None:
         raise ValueError(f"conformer kernel_size must be odd, got {cfg.kernel_size}")
     if cfg.subsampling not in (2, 4, 8):
         raise ValueError(f"subsampling must be 2, 4 or 8, got {cfg.subsampling}")
-    if min(cfg.stack, cfg.whisper_stack, cfg.llm_hidden, cfg.num_layers, cfg.soft_candidates) < 1:
+    sizes = (cfg.stack, cfg.whisper_stack, cfg.llm_hidden, cfg.num_layers, cfg.soft_candidates)
+    if min(*sizes, cfg.asr_beams) < 1:
         raise ValueError(
-            "stack, whisper_stack, llm_hidden, num_layers and soft_candidates must be positive"
+            "stack, whisper_stack, llm_hidden, num_layers, soft_candidates and asr_beams must be"
+            " positive"
         )
     if cfg.kind == "whisper_decoder" and cfg.trainable_layers:
         raise ValueError(

@@ -160,7 +160,8 @@ def evaluate(
     loaded = load_llm(llm, device=device, dtype=dtype)
     enc, prompt, training = load_encoder(resolve_encoder_path(encoder), loaded)
     model = SpeechLLM(loaded, enc, prompt)
-    asr = WhisperASR.from_source("default", device=device)
+    # the cascade searches as the encoder's own Whisper does, so the two hear alike
+    asr = WhisperASR.from_source("default", device=device, beams=enc.config.asr_beams)
     utts = [u for u in read_manifest(manifest) if split is None or u.split == split][:limit]
     if not utts:
         raise ValueError(f"{manifest} has no utterances in split {split!r}")

@@ -1,6 +1,7 @@
-"""The `whisper_decoder` encoder kind: frozen Whisper (encoder and decoder) decodes greedily, and
-the decoder's state at each emitted token becomes one LLM embedding: the LLM's own embedding of the
-tokens Whisper found likeliest there, mixed by Whisper's probabilities, plus a trained correction.
+"""The `whisper_decoder` encoder kind: frozen Whisper (encoder and decoder) decodes, greedily or by
+beam search (`asr_beams`), and the decoder's state at each emitted token becomes one LLM
+embedding: the LLM's own embedding of the tokens Whisper found likeliest there, mixed by Whisper's
+probabilities, plus a trained correction.
 
 The other kinds ask an adapter to learn, from a few hours of speech, where every word sits in the
 LLM's embedding space; on a CPU budget they lose content words. Here Whisper's decoder names the
@@ -146,7 +147,7 @@ class WhisperDecoderEncoder(AudioEncoder):
         clips = [c if c.numel() else c.new_zeros(SAMPLE_RATE // 10) for c in clips]  # [T_wav]
         windows, owners = clip_windows(clips)
         ids, states = decode_windows(
-            self.whisper, self.features, self.tokens, windows, MAX_NEW_TOKENS
+            self.whisper, self.features, self.tokens, windows, MAX_NEW_TOKENS, self.config.asr_beams
         )  # states: [B_win, L_max, D]
         per_row: list[list[torch.Tensor]] = [[] for _ in range(waveforms.shape[0])]
         for win, owner in enumerate(owners):

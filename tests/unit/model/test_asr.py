@@ -17,7 +17,10 @@ from model.asr import (
     MAX_NEW_TOKENS,
     WINDOW_SAMPLES,
     WhisperASR,
+    beam_decode,
     build_decoding_tokens,
+    forced_states,
+    greedy_decode,
     split_windows,
 )
 from model.audio import load_audio_file
@@ -90,6 +93,37 @@ def test_local_hf_dir_runs_end_to_end(tmp_path: Path) -> None:
     assert 0 < len(ids[0]) <= 6 and not set(ids[0]) & set(asr.tokens.suppress)
 
 
+def test_beam_of_one_is_greedy_and_forcing_reads_back_its_states() -> None:
+    """Beam search with one beam takes greedy's path, and the teacher-forced pass over the ids
+    gives the states the greedy loop saw, up to the one that chose the end."""
+    torch.manual_seed(0)
+    asr = WhisperASR.from_source("tiny-random")
+    model, tokens = asr.model, asr.tokens
+    enc = torch.randn(3, 10, model.config.d_model)  # [B, T_enc, D]
+    with torch.inference_mode():
+        ids, states = greedy_decode(model, tokens, enc, 6)  # states [B, L, D]
+        assert beam_decode(model, tokens, enc, 6, beams=1) == ids
+        forced = forced_states(model, tokens, enc, ids)  # [B, L', D]
+    assert forced.shape[1] == max(len(seq) for seq in ids) + 1
+    for row, seq in enumerate(ids):
+        n = min(len(seq) + 1, states.shape[1])
+        torch.testing.assert_close(forced[row, :n], states[row, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_keeps_to_the_allowed_tokens() -> None:
+    torch.manual_seed(0)
+    asr = WhisperASR.from_source("tiny-random", beams=3)
+    asr.max_new_tokens = 6  # a random model rarely ends by itself
+    enc = torch.randn(2, 10, asr.model.config.d_model)  # [B, T_enc, D]
+    with torch.inference_mode():
+        ids = beam_decode(asr.model, asr.tokens, enc, 6, beams=3)
+    assert len(ids) == 2
+    assert all(len(seq) <= 6 and not set(seq) & set(asr.tokens.suppress) for seq in ids)
+    assert all(isinstance(t, str) for t in asr.transcribe_batch([0.1 * torch.randn(8000)]))
+    with pytest.raises(ValueError, match="beams"):
+        WhisperASR.from_source("tiny-random", beams=0)
+
+
 @pytest.fixture(scope="module")
 def asr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WhisperASR]:
     with pytest.MonkeyPatch.context() as patch:
@@ -136,6 +170,19 @@ def test_audio_over_30s_is_transcribed_in_windows(
     hypothesis = asr.transcribe(wav)
     wer = word_error_rate(f"{MEETING[1]} {STATION[1]}", hypothesis)
     assert wer <= MAX_WER, f"WER {wer:.2f}: {hypothesis!r}"
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_beam_search_transcribes_in_batches_as_one_by_one(spoken: dict[str, tuple]) -> None:
+    beam = WhisperASR.from_source("default", beams=4)
+    wavs = [wav for _, wav, _ in spoken.values()]
+    texts = beam.transcribe_batch(wavs)
+    assert texts == [beam.transcribe(wav) for wav in wavs]
+    for (reference, _, _), hypothesis in zip(spoken.values(), texts, strict=True):
+        wer = word_error_rate(reference, hypothesis)
+        assert wer <= MAX_WER, f"WER {wer:.2f} with 4 beams: {hypothesis!r}"
+    assert beam.transcribe(torch.zeros(0)) == ""
 
 
 @pytest.mark.slow

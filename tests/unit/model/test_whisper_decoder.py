@@ -96,6 +96,25 @@ def test_batch_matches_one_by_one_and_silence_keeps_one_embedding(
     torch.testing.assert_close(again, out)
 
 
+def test_beam_search_encoder_gives_one_embedding_per_token_of_its_transcript(
+    tiny_llm, question: torch.Tensor
+):
+    """With `asr_beams` the encoder hears what the beam search cascade hears, one embedding per
+    Whisper token, batched as one by one."""
+    torch.manual_seed(0)
+    beam = build_encoder(config(tiny_llm, asr_beams=3), tiny_llm).eval()
+    heard = WhisperASR.from_source("default", beams=3).transcribe(question)
+    assert "capital" in heard.lower() and "france" in heard.lower()
+    emb = beam.encode_one(question)  # [L, D_llm]
+    tokenizer = Tokenizer.from_file(str(default_ct2_dir() / "tokenizer.json"))
+    assert emb.shape[0] == len(tokenizer.encode(" " + heard, add_special_tokens=False).ids)
+    wavs, lengths = pad_waveforms([question, torch.zeros(16000)])
+    out, out_lengths = beam(wavs, lengths)  # [2, L, D_llm]
+    torch.testing.assert_close(out[0, : int(out_lengths[0])], emb, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="asr_beams"):
+        config(tiny_llm, asr_beams=0)
+
+
 def test_only_the_correction_trains_and_reaches_the_checkpoint(tiny_llm, tmp_path: Path):
     torch.manual_seed(0)
     enc = build_encoder(config(tiny_llm, "tiny-random"), tiny_llm).train()
