@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
+from torch import nn
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from model.config import SAMPLE_RATE
@@ -161,8 +162,7 @@ def decode_windows(
     enc = model.model.encoder(mel).last_hidden_state  # [B, 1500, D]
     if beams == 1:
         return greedy_decode(model, tokens, enc, max_new_tokens)
-    ids = beam_decode(model, tokens, enc, max_new_tokens, beams)
-    return ids, forced_states(model, tokens, enc, ids)
+    return beam_decode(model, tokens, enc, max_new_tokens, beams)
 
 
 def load_whisper_decoding(
@@ -208,7 +208,7 @@ def greedy_decode(
         )
         cache = out.cache
         state = out.last_hidden_state[:, -1]  # [B, D]
-        logits = model.proj_out(state).float()  # [B, V]
+        logits = vocab_logits(model, state)  # [B, V]
         logits[:, suppress] = -torch.inf
         if step == 0:
             logits[:, begin] = -torch.inf
@@ -224,12 +224,21 @@ def greedy_decode(
     return trimmed, torch.stack(states, dim=1)  # [B, L, D]
 
 
+def vocab_logits(model: WhisperForConditionalGeneration, state: torch.Tensor) -> torch.Tensor:
+    """Decoder states [N, D] -> logits over the vocabulary [N, V], float32. Computed as table @
+    states^T: on a CPU `proj_out` itself reads tiny.en's 80 MB table 2-4x slower for a few rows,
+    and one row is slowest of all, so it goes in twice (`.notes`-style timing in the commit)."""
+    weight = model.proj_out.weight  # [V, D]
+    rows = state.repeat(2, 1) if state.shape[0] == 1 and state.device.type == "cpu" else state
+    return (weight @ rows.T).T[: state.shape[0]].float()  # [N, V]
+
+
 def step_logprobs(
     model: WhisperForConditionalGeneration, tokens: DecodingTokens, state: torch.Tensor, first: bool
 ) -> torch.Tensor:
     """Decoder states [N, D] -> next-token log-probabilities [N, V], float32, with the suppressed
     tokens (and, at the first step, those barred from starting) at -inf."""
-    logits = model.proj_out(state).float()  # [N, V]
+    logits = vocab_logits(model, state)  # [N, V]
     logits[:, list(tokens.suppress)] = -torch.inf
     if first:
         logits[:, list(tokens.suppress_begin)] = -torch.inf
@@ -242,25 +251,28 @@ def beam_decode(
     enc: torch.Tensor,
     max_new_tokens: int,
     beams: int,
-) -> list[list[int]]:
-    """Encoder states [B, T_enc, D] -> per window, the ids (up to <|endoftext|>) of the finished
-    hypothesis with the best mean log-probability per token (the end token counted), after
-    `beams` hypotheses have finished or the steps run out (then the live beams count too)."""
+) -> tuple[list[list[int]], torch.Tensor]:
+    """Encoder states [B, T_enc, D] -> as `greedy_decode`, (ids per window up to <|endoftext|>,
+    the decoder states along them [B, L, D]) for the finished hypothesis with the best mean
+    log-probability per token (the end counted), once `beams` have finished or the steps run out
+    (then the live beams count too). The first step runs once per window; its caches then branch."""
     b, k, end = enc.shape[0], beams, tokens.end
-    enc = enc.repeat_interleave(k, dim=0)  # [B*K, T_enc, D]
-    inputs = torch.tensor(tokens.prompt, device=enc.device).expand(b * k, -1)  # [B*K, L0]
-    scores = torch.full((b, k), -torch.inf, device=enc.device)  # [B, K]
-    scores[:, 0] = 0.0  # one live beam until the first step branches
-    history = torch.zeros(b, k, 0, dtype=torch.long, device=enc.device)  # [B, K, L]
-    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
+    d, device = enc.shape[-1], enc.device
+    inputs = torch.tensor(tokens.prompt, device=device).expand(b, -1)  # [B, L0]
+    scores = torch.zeros(b, 1, device=device)  # [B, K'], one beam per window before the branch
+    history = torch.zeros(b, 1, 0, dtype=torch.long, device=device)  # [B, K', L]
+    trail = torch.zeros(b, 1, 0, d, device=device)  # [B, K', L, D] states that chose them
+    finished: list[list[tuple[float, list[int], torch.Tensor]]] = [[] for _ in range(b)]
     cache = None
     for step in range(max_new_tokens):
         out = model.model.decoder(
             input_ids=inputs, encoder_hidden_states=enc, cache=cache, use_cache=True
         )
         cache = out.cache
-        logp = step_logprobs(model, tokens, out.last_hidden_state[:, -1], step == 0)  # [B*K, V]
-        total = (scores[..., None] + logp.view(b, k, -1)).view(b, -1)  # [B, K*V]
+        state = out.last_hidden_state[:, -1].view(b, -1, d)  # [B, K', D]
+        logp = step_logprobs(model, tokens, state.view(-1, d), step == 0)  # [B*K', V]
+        vocab = logp.shape[-1]
+        total = (scores[..., None] + logp.view(b, -1, vocab)).view(b, -1)  # [B, K'*V]
         top = total.topk(2 * k, dim=-1)  # [B, 2K]: enough to keep K live past any ends
         src = torch.zeros(b, k, dtype=torch.long)  # [B, K] beam each new beam extends
         nxt = torch.full((b, k), end, dtype=torch.long)  # [B, K] its new token
@@ -270,42 +282,37 @@ def beam_decode(
             for value, flat in zip(top.values[w].tolist(), top.indices[w].tolist(), strict=True):
                 if value == -torch.inf or live == k or len(finished[w]) >= k:
                     break
-                beam, token = divmod(flat, logp.shape[-1])
+                beam, token = divmod(flat, vocab)
                 if token == end:
                     seq = history[w, beam].tolist()
-                    finished[w].append((value / (len(seq) + 1), seq))
+                    states = torch.cat([trail[w, beam], state[w, beam, None]])  # [L+1, D]
+                    finished[w].append((value / (len(seq) + 1), seq, states))
                 else:
                     src[w, live], nxt[w, live], scores[w, live] = beam, token, value
                     live += 1
-        scores = scores.to(enc.device)
+        scores = scores.to(device)
         if all(len(f) >= k for f in finished) or not bool(scores.isfinite().any()):
             break
-        src, nxt = src.to(enc.device), nxt.to(enc.device)
-        rows = (torch.arange(b, device=enc.device)[:, None] * k + src).view(-1)  # [B*K]
-        cache.self_attention_cache.reorder_cache(rows)  # cross-attention is the same per window
-        picked = history.gather(1, src[..., None].expand(-1, -1, history.shape[2]))  # [B, K, L]
-        history = torch.cat([picked, nxt[..., None]], dim=2)  # [B, K, L+1]
+        src, nxt = src.to(device), nxt.to(device)
+        rows = (torch.arange(b, device=device)[:, None] * history.shape[1] + src).view(-1)
+        cache.self_attention_cache.reorder_cache(rows)  # [B*K] rows from [B*K'] ones
+        if step == 0:  # the one cross-attention cache per window, copied to its beams
+            cache.cross_attention_cache.reorder_cache(rows)
+            enc = enc.repeat_interleave(k, dim=0)  # [B*K, T_enc, D]
+        history = torch.cat([pick(history, src), nxt[..., None]], dim=2)  # [B, K, L+1]
+        trail = torch.cat([pick(trail, src), pick(state[:, :, None], src)], dim=2)  # [B, K, L+1, D]
         inputs = nxt.view(-1, 1)  # [B*K, 1]
     for w in range(b):
-        for beam in range(k):
+        for beam in range(scores.shape[1]):
             if len(finished[w]) < k and bool(scores[w, beam].isfinite()):
                 seq = history[w, beam].tolist()
-                finished[w].append((float(scores[w, beam]) / (len(seq) + 1), seq))
-    return [max(f, key=lambda entry: entry[0])[1] if f else [] for f in finished]
+                finished[w].append((float(scores[w, beam]) / (len(seq) + 1), seq, trail[w, beam]))
+    best = [max(f, key=lambda entry: entry[0]) for f in finished]  # every window has one
+    states = nn.utils.rnn.pad_sequence([entry[2] for entry in best], batch_first=True)
+    return [entry[1] for entry in best], states  # [B, L, D]
 
 
-def forced_states(
-    model: WhisperForConditionalGeneration,
-    tokens: DecodingTokens,
-    enc: torch.Tensor,
-    ids: list[list[int]],
-) -> torch.Tensor:
-    """Encoder states [B, T_enc, D] and chosen ids per window -> the decoder's final states
-    [B, L, D] with the ids fed in (teacher forcing), step l's being the one before token l, as
-    `greedy_decode` returns them; L is the longest sequence plus its end."""
-    length = max(len(seq) for seq in ids) + 1
-    rows = [list(tokens.prompt) + seq + [tokens.end] * (length - 1 - len(seq)) for seq in ids]
-    inputs = torch.tensor(rows, device=enc.device)  # [B, L0 + L - 1]
-    out = model.model.decoder(input_ids=inputs, encoder_hidden_states=enc, use_cache=False)
-    first = len(tokens.prompt) - 1
-    return out.last_hidden_state[:, first : first + length]  # [B, L, D]
+def pick(beams: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Per-beam tensors [B, K', ...] -> the rows `src` [B, K] names, [B, K, ...]."""
+    index = src.view(*src.shape, *([1] * (beams.dim() - 2)))  # [B, K, 1...]
+    return beams.gather(1, index.expand(*src.shape, *beams.shape[2:]))

@@ -19,7 +19,6 @@ from model.asr import (
     WhisperASR,
     beam_decode,
     build_decoding_tokens,
-    forced_states,
     greedy_decode,
     split_windows,
 )
@@ -93,21 +92,22 @@ def test_local_hf_dir_runs_end_to_end(tmp_path: Path) -> None:
     assert 0 < len(ids[0]) <= 6 and not set(ids[0]) & set(asr.tokens.suppress)
 
 
-def test_beam_of_one_is_greedy_and_forcing_reads_back_its_states() -> None:
-    """Beam search with one beam takes greedy's path, and the teacher-forced pass over the ids
-    gives the states the greedy loop saw, up to the one that chose the end."""
+@pytest.mark.parametrize("steps", [1, 6])
+def test_beam_of_one_is_greedy_states_included(steps: int) -> None:
+    """Beam search with one beam takes greedy's path and keeps the states that chose each token
+    when the steps run out (the random model never ends; real speech ends below)."""
     torch.manual_seed(0)
     asr = WhisperASR.from_source("tiny-random")
     model, tokens = asr.model, asr.tokens
     enc = torch.randn(3, 10, model.config.d_model)  # [B, T_enc, D]
     with torch.inference_mode():
-        ids, states = greedy_decode(model, tokens, enc, 6)  # states [B, L, D]
-        assert beam_decode(model, tokens, enc, 6, beams=1) == ids
-        forced = forced_states(model, tokens, enc, ids)  # [B, L', D]
-    assert forced.shape[1] == max(len(seq) for seq in ids) + 1
+        ids, states = greedy_decode(model, tokens, enc, steps)  # states [B, L, D]
+        beam_ids, beam_states = beam_decode(model, tokens, enc, steps, beams=1)
+    assert beam_ids == ids
     for row, seq in enumerate(ids):
-        n = min(len(seq) + 1, states.shape[1])
-        torch.testing.assert_close(forced[row, :n], states[row, :n], atol=1e-4, rtol=1e-4)
+        n = min(len(seq) + 1, steps)  # the end's state too, where it came
+        torch.testing.assert_close(beam_states[row, :n], states[row, :n], atol=1e-5, rtol=1e-5)
+    assert beam_states.shape[1] == max(min(len(seq) + 1, steps) for seq in ids)
 
 
 def test_beam_search_keeps_to_the_allowed_tokens() -> None:
@@ -116,8 +116,8 @@ def test_beam_search_keeps_to_the_allowed_tokens() -> None:
     asr.max_new_tokens = 6  # a random model rarely ends by itself
     enc = torch.randn(2, 10, asr.model.config.d_model)  # [B, T_enc, D]
     with torch.inference_mode():
-        ids = beam_decode(asr.model, asr.tokens, enc, 6, beams=3)
-    assert len(ids) == 2
+        ids, states = beam_decode(asr.model, asr.tokens, enc, 6, beams=3)  # states [B, L, D]
+    assert len(ids) == 2 and states.shape[0] == 2
     assert all(len(seq) <= 6 and not set(seq) & set(asr.tokens.suppress) for seq in ids)
     assert all(isinstance(t, str) for t in asr.transcribe_batch([0.1 * torch.randn(8000)]))
     with pytest.raises(ValueError, match="beams"):
@@ -170,6 +170,22 @@ def test_audio_over_30s_is_transcribed_in_windows(
     hypothesis = asr.transcribe(wav)
     wer = word_error_rate(f"{MEETING[1]} {STATION[1]}", hypothesis)
     assert wer <= MAX_WER, f"WER {wer:.2f}: {hypothesis!r}"
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_beam_of_one_ends_as_greedy_on_speech(asr: WhisperASR, spoken: dict[str, tuple]) -> None:
+    windows = [wav for _, wav, _ in spoken.values()]
+    feats = asr.features(
+        [w.numpy() for w in windows], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+    )
+    with torch.inference_mode():
+        enc = asr.model.model.encoder(feats["input_features"]).last_hidden_state  # [B, 1500, D]
+        ids, states = greedy_decode(asr.model, asr.tokens, enc, MAX_NEW_TOKENS)  # [B, L, D]
+        beam_ids, beam_states = beam_decode(asr.model, asr.tokens, enc, MAX_NEW_TOKENS, beams=1)
+    assert beam_ids == ids and all(len(seq) < MAX_NEW_TOKENS for seq in ids)  # both ended
+    for row, seq in enumerate(ids):  # each token's state and the end's
+        torch.testing.assert_close(beam_states[row, : len(seq) + 1], states[row, : len(seq) + 1])
 
 
 @pytest.mark.slow
