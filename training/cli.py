@@ -236,12 +236,13 @@ def add_scale_correction_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=float, required=True, help="weight of the trained correction")
     p.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
     p.add_argument("--llm", default="default")
+    p.add_argument("--asr-beams", type=int, default=None, help="Whisper's beams (1: greedy)")
 
 
 def run_scale_correction(args: argparse.Namespace) -> int:
     from training.interpolate import scale_correction
 
-    print(scale_correction(args.encoder, args.scale, args.out, args.llm))
+    print(scale_correction(args.encoder, args.scale, args.out, args.llm, args.asr_beams))
     return 0
 
 

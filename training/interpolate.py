@@ -5,11 +5,13 @@ by moving the spoken words' embeddings away from the typed words' ones, which co
 hinge on a content word. Scaling the correction by a factor below 1 (a point on the line between
 the start and the trained weights, as weight-space ensembles of a model and its fine-tuned copy
 do) keeps most of the gain on the answers and less of the drift. Pick the factor on the dev loss
-and on spoken questions in training voices, never on reserved voices.
+and on spoken questions in training voices, never on reserved voices. The same step can set how
+widely Whisper searches (`asr_beams`), which needs no training either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -19,10 +21,16 @@ from model.llm import load_llm
 log = logging.getLogger(__name__)
 
 
-def scale_correction(encoder: str, scale: float, out: str | Path, llm: str = "default") -> Path:
+def scale_correction(
+    encoder: str,
+    scale: float,
+    out: str | Path,
+    llm: str = "default",
+    asr_beams: int | None = None,
+) -> Path:
     """The encoder checkpoint `encoder` (a directory or "default") with its correction weighted
-    by `scale`, written to `out`; its config keeps the training record, with the scale and the
-    source added."""
+    by `scale` (and Whisper searching `asr_beams` beams, where given), written to `out`; its
+    config keeps the training record, with the scale, the search and the source added."""
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"scale is a fraction of the trained correction (0 to 1), not {scale}")
     loaded = load_llm(llm)
@@ -37,6 +45,9 @@ def scale_correction(encoder: str, scale: float, out: str | Path, llm: str = "de
         "correction_scale": scale * training.get("correction_scale", 1.0),
         "scaled_from": str(encoder),
     }
+    if asr_beams is not None:
+        enc.config = dataclasses.replace(enc.config, asr_beams=asr_beams)  # checked there
+        record["asr_beams"] = asr_beams
     path = save_encoder(out, enc, loaded.identity, prompt, record)
     log.info("%s: the correction of %s weighted by %.3f", path, encoder, scale)
     return path

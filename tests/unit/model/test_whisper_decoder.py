@@ -3,6 +3,7 @@ and real speech where the words matter, the tiny random Whisper where only shape
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,13 @@ def test_scale_correction_moves_a_checkpoint_towards_its_start(tiny_llm, tiny_ll
     torch.testing.assert_close(scaled(wav, lengths)[0], start + 0.25 * (trained - start))
     with pytest.raises(ValueError, match="fraction"):
         main([*argv[:3], "1.5", "--llm", str(tiny_llm_dir), "--out", str(tmp_path / "x")])
+    # the same step sets Whisper's search, nothing else
+    beams = ["--asr-beams", "3", "--out", str(tmp_path / "beams")]
+    assert main([*argv[:3], "1", "--llm", str(tiny_llm_dir), *beams]) == 0
+    searched, _, record = load_encoder(tmp_path / "beams", tiny_llm)
+    assert searched.config.asr_beams == 3 and record["asr_beams"] == 3
+    assert searched.config == dataclasses.replace(enc.config, asr_beams=3)
+    torch.testing.assert_close(searched.correction[-1].weight, enc.correction[-1].weight)
 
 
 def test_kind_rules(tiny_llm):
