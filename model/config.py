@@ -51,7 +51,7 @@ class EncoderConfig:
     ctc_vocab: int = 0  # >0 adds a character CTC head (pretraining only)
     # whisper_decoder: Whisper's likeliest tokens mixed into each embedding
     soft_candidates: int = 8
-    asr_beams: int = 1  # Whisper's search: 1 greedy, more a beam search (states then re-read)
+    asr_beams: int = 1  # whisper_decoder: Whisper's search, 1 greedy, more a beam search
 
     def __post_init__(self) -> None:
         _verify_encoder(self)

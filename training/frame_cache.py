@@ -33,8 +33,12 @@ BATCH_SECONDS = 240.0  # s of audio per front batch (length-sorted, so little pa
 
 
 def front_digest(encoder: AudioEncoder) -> str:
-    """A short hash of the frozen weights (as float16 bytes, so fp32 and fp16 copies agree)."""
+    """A short hash of the frozen weights (as float16 bytes, so fp32 and fp16 copies agree) and
+    of Whisper's search where it is not greedy (a `whisper_decoder` front hears what it finds)."""
     digest = hashlib.sha1()
+    beams = encoder.config.asr_beams
+    if beams != 1:  # greedy leaves the digest as it was, so greedy caches stay valid
+        digest.update(f"asr_beams={beams}".encode())
     for name, param in sorted(encoder.named_parameters()):
         if not param.requires_grad:
             digest.update(name.encode())

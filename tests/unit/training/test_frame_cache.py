@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -134,6 +135,11 @@ def test_new_front_weights_get_a_new_folder() -> None:
     with torch.no_grad():
         a.adapter.proj[1].weight.add_(1.0)
     assert front_digest(a) != front_digest(b) and front_digest(a) == front_digest(tiny_whisper())
+    # a wider Whisper search hears other tokens: another folder (greedy keeps its own)
+    a.config = dataclasses.replace(a.config, asr_beams=3)
+    assert front_digest(a) != front_digest(tiny_whisper())
+    a.config = dataclasses.replace(a.config, asr_beams=1)
+    assert front_digest(a) == front_digest(tiny_whisper())
 
 
 def test_length_batches_bound_padded_seconds() -> None:
