@@ -196,8 +196,6 @@ def greedy_decode(
     device = enc.device
     prompt = torch.tensor(tokens.prompt, device=device)  # [L0]
     inputs = prompt.expand(b, -1)  # [B, L0]
-    suppress = torch.tensor(tokens.suppress, device=device)  # [S]
-    begin = torch.tensor(tokens.suppress_begin, device=device)  # [S0]
     done = torch.zeros(b, dtype=torch.bool, device=device)  # [B]
     out_ids: list[torch.Tensor] = []
     states: list[torch.Tensor] = []
@@ -208,10 +206,7 @@ def greedy_decode(
         )
         cache = out.cache
         state = out.last_hidden_state[:, -1]  # [B, D]
-        logits = vocab_logits(model, state)  # [B, V]
-        logits[:, suppress] = -torch.inf
-        if step == 0:
-            logits[:, begin] = -torch.inf
+        logits = allowed_logits(model, tokens, state, step == 0)  # [B, V]
         next_ids = logits.argmax(dim=-1).masked_fill(done, tokens.end)  # [B]
         out_ids.append(next_ids)
         states.append(state)
@@ -234,16 +229,16 @@ def vocab_logits(model: WhisperForConditionalGeneration, state: torch.Tensor) ->
     return (weight @ rows.T).T[: state.shape[0]].float()  # [N, V]
 
 
-def step_logprobs(
+def allowed_logits(
     model: WhisperForConditionalGeneration, tokens: DecodingTokens, state: torch.Tensor, first: bool
 ) -> torch.Tensor:
-    """Decoder states [N, D] -> next-token log-probabilities [N, V], float32, with the suppressed
-    tokens (and, at the first step, those barred from starting) at -inf."""
+    """Decoder states [N, D] -> next-token logits [N, V], float32, with the suppressed tokens
+    (and, at the first step, those barred from starting) at -inf: both searches' one rule."""
     logits = vocab_logits(model, state)  # [N, V]
     logits[:, list(tokens.suppress)] = -torch.inf
     if first:
         logits[:, list(tokens.suppress_begin)] = -torch.inf
-    return logits.log_softmax(dim=-1)  # [N, V]
+    return logits
 
 
 def beam_decode(
@@ -271,7 +266,8 @@ def beam_decode(
         )
         cache = out.cache
         state = out.last_hidden_state[:, -1].view(b, -1, d)  # [B, K', D]
-        logp = step_logprobs(model, tokens, state.view(-1, d), step == 0)  # [B*K', V]
+        logits = allowed_logits(model, tokens, state.view(-1, d), step == 0)  # [B*K', V]
+        logp = logits.log_softmax(dim=-1)  # [B*K', V]
         vocab = logp.shape[-1]
         total = (scores[..., None] + logp.view(b, -1, vocab)).view(b, -1)  # [B, K'*V]
         top = total.topk(2 * k, dim=-1)  # [B, 2K]: enough to keep K live past any ends
