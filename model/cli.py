@@ -27,7 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("training.cli", "synthesize a sentence set to speech (16 kHz flac + manifests)"),
     "import": ("training.cli", "import LibriSpeech, MLS or a folder of audio + .txt"),
     "augment": ("training.cli", "add augmented copies (pitch, speed, noise...) of a manifest"),
-    "synth-qa": ("training.cli", "synthesize the spoken-QA evaluation set (eval voices only)"),
+    "synth-qa": ("training.cli", "synthesize the spoken-QA set (reserved voices, or --split dev)"),
     "respond": ("training.cli", "add the frozen LLM's answer to every manifest line"),
     "pretrain-ctc": ("training.cli", "character CTC pretraining of the conformer encoder"),
     "align": ("training.cli", "modal-invariance alignment of an encoder to the frozen LLM"),

@@ -247,11 +247,26 @@ def run_scale_correction(args: argparse.Namespace) -> int:
 
 
 def add_synth_qa_arguments(p: argparse.ArgumentParser) -> None:
+    from training.spoken_qa import EVAL_VOICES
+
     p.add_argument("--out", type=Path, default=Path("data/qa"))
+    p.add_argument(
+        "--voice",
+        action="append",
+        default=None,
+        help=f"engine:name, repeatable (default: the reserved {', '.join(EVAL_VOICES)})",
+    )
+    p.add_argument(
+        "--split",
+        choices=("eval", "dev"),
+        default="eval",
+        help="dev: a recipe's dev voices, for choosing encoders; eval: reserved voices only",
+    )
 
 
 def run_synth_qa(args: argparse.Namespace) -> int:
-    from training.spoken_qa import synthesize_spoken_qa
+    from training.spoken_qa import EVAL_VOICES, synthesize_spoken_qa
 
-    print(synthesize_spoken_qa(args.out))
+    voices = tuple(args.voice or EVAL_VOICES)
+    print(synthesize_spoken_qa(args.out, voices=voices, split=args.split))
     return 0

@@ -1,7 +1,8 @@
 """A small spoken-QA set: short factual questions with accepted answers, synthesized on demand.
 
 Lines carry `"answer": "a|b"`, which `evaluate` turns into spoken-QA accuracy for the typed
-question, the audio end to end and the cascade. Spoken only by voices reserved for evaluation.
+question, the audio end to end and the cascade. Spoken by the voices reserved for evaluation
+(the default), or by a recipe's dev voices (`split="dev"`) for choosing between encoders.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from training.engines import synthesize_festival, synthesize_flite
+from training.engines import SYNTHESIZERS, split_voice
 from training.manifest import Utterance, write_manifest
 
 log = logging.getLogger(__name__)
@@ -63,28 +64,34 @@ QA_PAIRS: tuple[tuple[str, str], ...] = (
 
 
 def synthesize_spoken_qa(
-    out_dir: str | Path, voices: tuple[str, ...] = EVAL_VOICES, limit: int | None = None
+    out_dir: str | Path,
+    voices: tuple[str, ...] = EVAL_VOICES,
+    limit: int | None = None,
+    split: str = "eval",
 ) -> Path:
-    """Render the questions (the first `limit`) in every voice to `<out_dir>/qa/*.wav`;
-    write `<out_dir>/qa.jsonl`."""
+    """Render the questions (the first `limit`) in every voice (any engine of
+    `training.engines`, at its own rate and pitch) to `<out_dir>/qa/*.wav`; write
+    `<out_dir>/qa.jsonl` with every line in `split`."""
+    if split != "eval" and set(voices) & set(EVAL_VOICES):
+        raise ValueError(f"the reserved voices {EVAL_VOICES} speak only the eval split")
     out_dir = Path(out_dir)
     (out_dir / "qa").mkdir(parents=True, exist_ok=True)
-    engines = {"flite": synthesize_flite, "festival": synthesize_festival}
     utterances = []
     for voice in voices:
-        engine, name = voice.split(":", 1)
+        engine, name = split_voice(voice)
         pairs = QA_PAIRS[:limit]
         for i, (question, answer) in enumerate(tqdm(pairs, desc=f"qa {voice}", unit="q")):
-            wav = out_dir / "qa" / f"qa{i:03d}-{engine}-{name}.wav"
+            safe = name.replace("+", "-").replace("/", "-")
+            wav = out_dir / "qa" / f"qa{i:03d}-{engine}-{safe}.wav"
             if not wav.is_file():
-                engines[engine](question, name, wav)
+                SYNTHESIZERS[engine](question, name, wav)
             utterances.append(
                 Utterance(
                     id=wav.stem,
                     audio=str(wav),
                     text=question,
                     voice=voice,
-                    split="eval",
+                    split=split,
                     extra={"answer": answer},
                 )
             )

@@ -222,6 +222,20 @@ def test_spoken_qa_set_is_synthesized_with_eval_voices(tmp_path):
     assert all(u.extra["answer"] and Path(u.audio).stat().st_size > 10_000 for u in utts)
 
 
+def test_spoken_qa_in_dev_voices_is_a_dev_split_and_never_reserved(tmp_path):
+    from training.engines import voice_available
+    from training.spoken_qa import EVAL_VOICES, synthesize_spoken_qa
+
+    if not voice_available("espeak:en-us+klatt2"):
+        pytest.skip("espeak-ng is not installed (make test installs it)")
+    manifest = synthesize_spoken_qa(tmp_path, voices=("espeak:en-us+klatt2",), limit=2, split="dev")
+    utts = read_manifest(manifest)
+    assert [u.id for u in utts] == ["qa000-espeak-en-us-klatt2", "qa001-espeak-en-us-klatt2"]
+    assert all(u.split == "dev" and Path(u.audio).stat().st_size > 10_000 for u in utts)
+    with pytest.raises(ValueError, match="reserved"):
+        synthesize_spoken_qa(tmp_path, voices=(EVAL_VOICES[0],), limit=1, split="dev")
+
+
 def test_init_from_a_whisper_checkpoint_keeps_whisper_frozen(tiny_llm, tiny_llm_dir, tmp_path):
     from model.checkpoint import save_encoder
     from model.config import EncoderConfig
