@@ -97,11 +97,11 @@ class WhisperASR:
 
     @classmethod
     def from_source(
-        cls, source: str = "default", device: str = "cpu", beams: int = 1
+        cls, source: str = "default", device: str = "cpu", beams: int = 1, lora: str | None = None
     ) -> WhisperASR:
         """ "default" (bundled tiny.en), "tiny-random" (bundled tokenizer) or a local HF dir;
-        `beams` 1 decodes greedily."""
-        return cls(*load_whisper_decoding(source), device, beams=beams)
+        `beams` 1 decodes greedily; `lora`: a `tune-asr` adapter folder merged in."""
+        return cls(*load_whisper_decoding(source, lora), device, beams=beams)
 
     def transcribe(self, waveform: torch.Tensor) -> str:
         """Mono 16 kHz float waveform [T_wav] -> text; over 30 s is decoded in 30 s windows."""
@@ -166,11 +166,14 @@ def decode_windows(
 
 
 def load_whisper_decoding(
-    source: str,
+    source: str, lora: str | Path | None = None
 ) -> tuple[WhisperForConditionalGeneration, Tokenizer, DecodingTokens]:
     """Whisper, its tokenizer and the ids greedy decoding needs, from "default" (bundled tiny.en),
-    "tiny-random" (bundled tokenizer) or a local HF dir."""
+    "tiny-random" (bundled tokenizer) or a local HF dir; `lora`: a folder of peft LoRA adapters
+    (`speechchat tune-asr`), merged into the weights so decoding costs what it did."""
     model, config = load_whisper(source)
+    if lora is not None:
+        model = merge_lora(model, Path(lora))
     if source in ("default", "tiny-random"):
         ct2_dir = default_ct2_dir()
         ct2 = read_ct2_config(ct2_dir)
@@ -182,6 +185,15 @@ def load_whisper_decoding(
         suppress = list(gen.suppress_tokens or config.suppress_tokens or [])
         begin = list(gen.begin_suppress_tokens or config.begin_suppress_tokens or [])
     return model, tokenizer, build_decoding_tokens(tokenizer, config.vocab_size, suppress, begin)
+
+
+def merge_lora(model: WhisperForConditionalGeneration, folder: Path):
+    """`model` with the peft adapters in `folder` added into its weights (peft's merge)."""
+    from peft import PeftModel
+
+    if not (folder / "adapter_config.json").is_file():
+        raise CheckpointFormatError(f"{folder} holds no LoRA adapters (adapter_config.json)")
+    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload().eval()
 
 
 def greedy_decode(

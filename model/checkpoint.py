@@ -7,8 +7,10 @@ small.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "encoder.safetensors"
 DEFAULT_SPEC = "default"
 SHIPPED_DIR = Path(__file__).parent / "checkpoints" / "default"
+LORA_DIR = "whisper_lora"  # a whisper_decoder checkpoint's copy of its Whisper's LoRA adapters
+LORA_FILES = ("adapter_config.json", "adapter_model.safetensors", "training.json")
 
 
 def save_encoder(
@@ -47,9 +51,12 @@ def save_encoder(
         for name, t in encoder.state_dict().items()
         if name not in params or params[name].requires_grad
     }
+    encoder_config = encoder.config.to_dict()
+    if encoder.config.whisper_lora:
+        encoder_config["whisper_lora"] = keep_lora(Path(encoder.config.whisper_lora), path)
     config = {
         "format_version": FORMAT_VERSION,
-        "encoder": encoder.config.to_dict(),
+        "encoder": encoder_config,
         "llm": asdict(llm),
         "prompt": (prompt or PromptConfig()).to_dict(),
         "training": training or {},
@@ -57,6 +64,18 @@ def save_encoder(
     save_file(state, str(path / WEIGHTS_FILE))
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def keep_lora(source: Path, path: Path) -> str:
+    """Copy the LoRA adapters in `source` into the checkpoint `path` (unless they are its own);
+    return the name the checkpoint's config gives them."""
+    target = path / LORA_DIR
+    if source.resolve() != target.resolve():
+        target.mkdir(exist_ok=True)
+        for name in LORA_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, target / name)
+    return LORA_DIR
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -101,6 +120,9 @@ def load_encoder(
     actual = llm.identity if isinstance(llm, LoadedLLM) else llm
     check_llm(LLMIdentity(**config["llm"]), actual, path)
     enc_config = EncoderConfig.from_dict(config["encoder"])
+    if enc_config.whisper_lora and not Path(enc_config.whisper_lora).is_absolute():
+        lora = str(path / enc_config.whisper_lora)  # kept inside the checkpoint
+        enc_config = dataclasses.replace(enc_config, whisper_lora=lora)
     if enc_config.kind == "whisper_decoder" and not isinstance(llm, LoadedLLM):
         raise CheckpointFormatError(f"{path}: a whisper_decoder encoder loads with its LLM itself")
     encoder = build_encoder(enc_config, llm if isinstance(llm, LoadedLLM) else None)

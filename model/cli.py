@@ -30,6 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth-qa": ("training.cli", "synthesize the spoken-QA set (reserved voices, or --split dev)"),
     "respond": ("training.cli", "add the frozen LLM's answer to every manifest line"),
     "pretrain-ctc": ("training.cli", "character CTC pretraining of the conformer encoder"),
+    "tune-asr": ("training.cli", "adapt Whisper to the corpus's voices (LoRA on its transcripts)"),
     "align": ("training.cli", "modal-invariance alignment of an encoder to the frozen LLM"),
     "scale-correction": (
         "training.cli",

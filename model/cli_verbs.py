@@ -12,13 +12,14 @@ def add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="audio files (wav, flac, ogg, mp3)")
     parser.add_argument("--whisper", default="default", help="'default' or a local HF Whisper dir")
     parser.add_argument("--beams", type=int, default=1, help="beam search width (1: greedy)")
+    parser.add_argument("--lora", default=None, help="a tune-asr adapter folder merged in")
 
 
 def run_transcribe(args: argparse.Namespace) -> int:
     from model.asr import WhisperASR
     from model.audio import load_audio_file
 
-    asr = WhisperASR.from_source(args.whisper, beams=args.beams)
+    asr = WhisperASR.from_source(args.whisper, beams=args.beams, lora=args.lora)
     for path in args.files:
         print(f"{path}\t{asr.transcribe(load_audio_file(path))}")
     return 0

@@ -52,6 +52,9 @@ class EncoderConfig:
     # whisper_decoder: Whisper's likeliest tokens mixed into each embedding
     soft_candidates: int = 8
     asr_beams: int = 1  # whisper_decoder: Whisper's search, 1 greedy, more a beam search
+    # whisper_decoder: a folder of LoRA adapters (`speechchat tune-asr`) merged into Whisper;
+    # a checkpoint keeps its own copy and names it relative to itself
+    whisper_lora: str | None = None
 
     def __post_init__(self) -> None:
         _verify_encoder(self)
@@ -81,6 +84,8 @@ def _verify_encoder(cfg: EncoderConfig) -> None:
             "stack, whisper_stack, llm_hidden, num_layers, soft_candidates and asr_beams must be"
             " positive"
         )
+    if cfg.whisper_lora and cfg.kind != "whisper_decoder":
+        raise ValueError(f"whisper_lora adapts a whisper_decoder encoder's Whisper, not {cfg.kind}")
     if cfg.kind == "whisper_decoder" and cfg.trainable_layers:
         raise ValueError(
             "a whisper_decoder encoder keeps all of Whisper frozen (trainable_layers 0)"

@@ -165,6 +165,42 @@ def run_pretrain_ctc(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tune_asr_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        action="append",
+        required=True,
+        help="manifest(s); train lines train, dev lines measure WER (repeatable)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it exists)")
+    p.add_argument("--recipe", default=None, help="recipe name or YAML file (section asr_tune:)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank")
+    p.add_argument("--whisper", default=None, help="'default' or a local HF Whisper dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
+
+
+def run_tune_asr(args: argparse.Namespace) -> int:
+    from training.asr_tune import tune_asr
+    from training.config import AsrTuneConfig, load_step_config
+
+    overrides = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "rank": args.rank,
+        "whisper_source": args.whisper,
+        "max_minutes": args.max_minutes,
+    }
+    cfg = load_step_config(AsrTuneConfig, "asr_tune", args.recipe, **overrides)
+    print(tune_asr(cfg, args.manifest, args.out, args.device))
+    return 0
+
+
 def add_align_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_common(p)
     p.add_argument("--kl-weight", type=float, default=None, help="> 0 adds KL distillation")
@@ -237,12 +273,18 @@ def add_scale_correction_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint dir to write")
     p.add_argument("--llm", default="default")
     p.add_argument("--asr-beams", type=int, default=None, help="Whisper's beams (1: greedy)")
+    p.add_argument(
+        "--whisper-lora", type=Path, default=None, help="a tune-asr adapter folder for Whisper"
+    )
 
 
 def run_scale_correction(args: argparse.Namespace) -> int:
     from training.interpolate import scale_correction
 
-    print(scale_correction(args.encoder, args.scale, args.out, args.llm, args.asr_beams))
+    path = scale_correction(
+        args.encoder, args.scale, args.out, args.llm, args.asr_beams, args.whisper_lora
+    )
+    print(path)
     return 0
 
 

@@ -281,6 +281,32 @@ class CTCConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True)
+class AsrTuneConfig:
+    """Whisper's own ASR fine-tuned on the corpus's (audio, transcript) pairs, as LoRA adapters."""
+
+    whisper_source: str = "default"  # the Whisper the adapters attach to
+    rank: int = 16  # LoRA rank of every adapted projection
+    alpha: float = 32.0  # LoRA scale numerator (scale = alpha / rank)
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+    steps: int = 500
+    batch_size: int = 4
+    lr: float = 5e-4
+    warmup_steps: int = 25
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_audio_seconds: float = 30.0  # s, one Whisper window; longer lines are skipped
+    eval_every: int = 100  # steps; dev WER (greedy) on up to `dev_lines`
+    dev_lines: int = 128
+    save_every: int = 50  # steps
+    max_minutes: float | None = None  # min of wall clock; stop early when reached
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 def load_step_config(cls: type, section: str, path: str | Path | None, **overrides: Any) -> Any:
     """One step's section of a recipe (defaults when absent), with non-None overrides applied."""
     data: dict[str, Any] = {}

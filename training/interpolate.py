@@ -6,12 +6,14 @@ hinge on a content word. Scaling the correction by a factor below 1 (a point on 
 the start and the trained weights, as weight-space ensembles of a model and its fine-tuned copy
 do) keeps most of the gain on the answers and less of the drift. Pick the factor on the dev loss
 and on spoken questions in training voices, never on reserved voices. The same step can set how
-widely Whisper searches (`asr_beams`), which needs no training either.
+widely Whisper searches (`asr_beams`), which needs no training either, and which Whisper hears:
+stock tiny.en or one adapted to the corpus's voices (`whisper_lora`, from `speechchat tune-asr`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -27,10 +29,12 @@ def scale_correction(
     out: str | Path,
     llm: str = "default",
     asr_beams: int | None = None,
+    whisper_lora: str | Path | None = None,
 ) -> Path:
     """The encoder checkpoint `encoder` (a directory or "default") with its correction weighted
-    by `scale` (and Whisper searching `asr_beams` beams, where given), written to `out`; its
-    config keeps the training record, with the scale, the search and the source added."""
+    by `scale` (and Whisper searching `asr_beams` beams, and Whisper adapted by the LoRA folder
+    `whisper_lora`, where given), written to `out`; its config keeps the training record, with
+    the scale, the search, the adapters' record and the source added."""
     if not 0.0 <= scale <= 1.0:
         raise ValueError(f"scale is a fraction of the trained correction (0 to 1), not {scale}")
     loaded = load_llm(llm)
@@ -48,6 +52,13 @@ def scale_correction(
     if asr_beams is not None:
         enc.config = dataclasses.replace(enc.config, asr_beams=asr_beams)  # checked there
         record["asr_beams"] = asr_beams
+    if whisper_lora is not None:
+        lora = Path(whisper_lora).resolve()
+        if not (lora / "adapter_config.json").is_file():
+            raise ValueError(f"{whisper_lora} holds no LoRA adapters (run `speechchat tune-asr`)")
+        enc.config = dataclasses.replace(enc.config, whisper_lora=str(lora))
+        tuned = lora / "training.json"
+        record["whisper_lora"] = json.loads(tuned.read_text()) if tuned.is_file() else str(lora)
     path = save_encoder(out, enc, loaded.identity, prompt, record)
     log.info("%s: the correction of %s weighted by %.3f", path, encoder, scale)
     return path

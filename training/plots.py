@@ -27,10 +27,11 @@ def plot_curves(log_path: Path, out_png: Path, title: str = "training") -> Path:
         return out_png  # nothing trained yet, nothing to draw
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line]
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in records]
-    ax.plot(steps, smooth([r["loss"] for r in records]), label="train loss (smoothed)")
-    if any("kl" in r for r in records):
-        ax.plot(steps, smooth([r.get("kl", 0.0) for r in records]), label="train KL (smoothed)")
+    trained = [r for r in records if "loss" in r]  # a run may log a dev figure before step 1
+    steps = [r["step"] for r in trained]
+    ax.plot(steps, smooth([r["loss"] for r in trained]), label="train loss (smoothed)")
+    if any("kl" in r for r in trained):
+        ax.plot(steps, smooth([r.get("kl", 0.0) for r in trained]), label="train KL (smoothed)")
     dev_keys = sorted({k for r in records for k in r if k.startswith("dev_")})
     for key in dev_keys:
         points = [(r["step"], r[key]) for r in records if key in r]

@@ -44,7 +44,9 @@ class WhisperDecoderEncoder(AudioEncoder):
     def __init__(self, config: EncoderConfig, llm: LoadedLLM) -> None:
         super().__init__()
         self.config = config
-        model, tokenizer, self.tokens = load_whisper_decoding(config.whisper_source)
+        model, tokenizer, self.tokens = load_whisper_decoding(
+            config.whisper_source, config.whisper_lora
+        )
         self.whisper = model.eval().requires_grad_(False)
         self.features = WhisperFeatureExtractor(
             feature_size=model.config.num_mel_bins, sampling_rate=SAMPLE_RATE
