@@ -84,6 +84,11 @@ def add_respond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="the LLM's: float32, bfloat16 (CUDA's default)")
+    p.add_argument(
+        "--stock-cascade",
+        action="store_true",
+        help="cascade with plain tiny.en, not the encoder's own (LoRA-tuned) Whisper",
+    )
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32, help="prompts in flight (or per batch)")
@@ -263,6 +268,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.device,
         args.two_turn,
         args.dtype,
+        args.stock_cascade,
     )
     return 0
 

@@ -151,17 +151,19 @@ def evaluate(
     device: str = "cpu",
     two_turn_pairs: int = TWO_TURN_PAIRS,
     dtype: str | None = None,
+    stock_cascade: bool = False,
 ) -> dict[str, float]:
     """Score `manifest` (one split), write `report.md` and plots into `out`, return the summary.
     `dtype`: the LLM's (None: the loader's choice for the device), e.g. to score an encoder
-    against the bf16 LLM a server would run."""
+    against the bf16 LLM a server would run. The cascade's Whisper hears as the encoder's own
+    does (same search, same LoRA adapters), so the comparison isolates the path into the LLM;
+    `stock_cascade` gives it plain tiny.en instead."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_llm(llm, device=device, dtype=dtype)
     enc, prompt, training = load_encoder(resolve_encoder_path(encoder), loaded)
     model = SpeechLLM(loaded, enc, prompt)
-    # the cascade searches as the encoder's own Whisper does, so the two hear alike
-    asr = WhisperASR.from_source("default", device=device, beams=enc.config.asr_beams)
+    asr, asr_line = cascade_asr(enc.config, device, stock_cascade)
     utts = [u for u in read_manifest(manifest) if split is None or u.split == split][:limit]
     if not utts:
         raise ValueError(f"{manifest} has no utterances in split {split!r}")
@@ -182,12 +184,23 @@ def evaluate(
         if len(utts) >= 2 and two_turn_pairs > 0
         else {}
     )  # none asked for: no section, not perplexities of nothing
-    llm_line = f"{loaded.name} ({loaded.dtype}, {loaded.device})"
+    llm_line = f"{loaded.name} ({loaded.dtype}, {loaded.device}); cascade ASR: {asr_line}"
     write_report(
         out, manifest, encoder, llm_line, split, len(utts), summary, two_turn, tally, training
     )
     print_summary(summary, two_turn)
     return summary | {f"two-turn ppl {k}": v for k, v in two_turn.items()}
+
+
+def cascade_asr(config, device: str, stock: bool) -> tuple[WhisperASR, str]:
+    """The cascade's Whisper, and a line naming it: a whisper_decoder encoder's own (its search
+    and any LoRA adapters) unless `stock`, else plain tiny.en searching as the encoder does."""
+    own = config.kind == "whisper_decoder" and not stock
+    source = config.whisper_source if own else "default"
+    lora = config.whisper_lora if own else None
+    asr = WhisperASR.from_source(source, device=device, beams=config.asr_beams, lora=lora)
+    line = f"Whisper {source}, {config.asr_beams} beam(s)" + (f", LoRA {lora}" if lora else "")
+    return asr, line
 
 
 def write_report(

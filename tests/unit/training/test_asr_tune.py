@@ -126,3 +126,22 @@ def test_a_checkpoint_carries_its_whisper_adapters(tuned, tiny_llm, tiny_llm_dir
     assert (tmp_path / "again" / LORA_DIR / "adapter_model.safetensors").is_file()
     with pytest.raises(ValueError, match="whisper_lora"):
         EncoderConfig(kind="whisper", whisper_lora=str(tuned / "adapter"))
+
+
+def test_the_cascade_hears_with_the_encoders_whisper_unless_told_stock(tuned):
+    from training.evaluate import cascade_asr
+
+    cfg = EncoderConfig(
+        kind="whisper_decoder",
+        whisper_source="tiny-random",
+        whisper_lora=str(tuned / "adapter"),
+        asr_beams=2,
+    )
+    own, line = cascade_asr(cfg, "cpu", stock=False)
+    merged, _, _ = load_whisper_decoding("tiny-random", tuned / "adapter")
+    for name, weight in merged.state_dict().items():
+        torch.testing.assert_close(own.model.state_dict()[name], weight, msg=name)
+    assert own.beams == 2 and "LoRA" in line
+    stock, line = cascade_asr(cfg, "cpu", stock=True)
+    assert stock.beams == 2 and "LoRA" not in line and "default" in line
+    assert stock.model.config.d_model == 384  # plain tiny.en, not the tiny random one
