@@ -84,11 +84,6 @@ def add_respond_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="the LLM's: float32, bfloat16 (CUDA's default)")
-    p.add_argument(
-        "--stock-cascade",
-        action="store_true",
-        help="cascade with plain tiny.en, not the encoder's own (LoRA-tuned) Whisper",
-    )
     p.add_argument("--system", default=None, help="system prompt (default: the template's)")
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--batch-size", type=int, default=32, help="prompts in flight (or per batch)")
@@ -252,6 +247,11 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--two-turn", type=int, default=16, help="two-turn conversations per case")
     p.add_argument("--dtype", default=None, help="the LLM's: float32, bfloat16 (CUDA's default)")
+    p.add_argument(
+        "--stock-cascade",
+        action="store_true",
+        help="cascade with plain tiny.en, not the encoder's own (LoRA-tuned) Whisper",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -115,15 +115,16 @@ def test_align_reduces_loss_and_writes_a_loadable_checkpoint(
     assert "## Spoken-QA answers" in report and "| Why is the sky blue? | blue\\|sky |" in report
     assert (tmp_path / "eval" / "perplexity.png").is_file()
     assert "- LLM: " in report and "torch.float32" in report
-    # no two-turn conversations asked for: no such section or figures; the LLM in bf16
-    bare = evaluate(
-        corpus / "dev.jsonl", str(out / "encoder"), tmp_path / "eval0", llm=str(tiny_llm_dir),
-        split="dev", two_turn_pairs=0, dtype="bfloat16",
-    )  # fmt: skip
-    assert not any(k.startswith("two-turn") for k in bare)
-    assert all(v == v and v >= 0 for v in bare.values())  # finite, not NaN
+    # through the CLI, no two-turn conversations asked for: no such section; the LLM in bf16;
+    # the cascade on plain tiny.en
+    from model.cli import main
+
+    argv = ["evaluate", "--manifest", str(corpus / "dev.jsonl"), "--encoder", str(out / "encoder")]
+    argv += ["--out", str(tmp_path / "eval0"), "--llm", str(tiny_llm_dir), "--split", "dev"]
+    assert main([*argv, "--two-turn", "0", "--dtype", "bfloat16", "--stock-cascade"]) == 0
     bare_report = (tmp_path / "eval0" / "report.md").read_text()
     assert "Two-turn" not in bare_report and "torch.bfloat16" in bare_report
+    assert "cascade ASR: Whisper default, 1 beam(s)" in bare_report
 
 
 def test_ctc_pretraining_then_align_from_it(corpus: Path, tiny_llm_dir, tmp_path):
