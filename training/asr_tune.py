@@ -29,7 +29,7 @@ from transformers import WhisperFeatureExtractor
 from model.asr import WhisperASR, load_whisper_decoding
 from model.audio import load_audio_file
 from model.config import SAMPLE_RATE
-from training.align import autocast_for, out_of_time
+from training.align import LOG_FILE, STATE_FILE, append_log, autocast_for, lr_at, out_of_time
 from training.config import AsrTuneConfig
 from training.evaluate import normalize_words
 from training.manifest import Utterance, read_manifest
@@ -38,8 +38,6 @@ from training.plots import plot_curves
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # peft's adapter_config.json + adapter_model.safetensors
-STATE_FILE = "train_state.pt"
-LOG_FILE = "log.jsonl"
 IGNORE = -100  # label of the prompt and padding positions
 
 
@@ -107,7 +105,8 @@ def tune_asr(
         raise ValueError("tune-asr: the manifests have no train lines with a transcript")
     params = [p for p in whisper.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_factor(s, cfg))
+    # align's schedule (warm-up, cosine to a tenth), as a factor of the peak
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, cfg) / cfg.lr)
     step = resume(out, peft_model, optim, sched)
     log.info(
         "tune-asr: LoRA r=%d on %s, %d trainable weights; %d train / %d dev lines",
@@ -158,23 +157,10 @@ def tune_asr(
     return out / ADAPTER_DIR
 
 
-def lr_factor(step: int, cfg: AsrTuneConfig) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    done = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * min(1.0, done))).item())
-
-
 def features_of(extractor: WhisperFeatureExtractor, batch: list[Utterance]) -> torch.Tensor:
     """Whisper's log-mel over one 30 s window for each line [B, F, T_mel]."""
     arrays = [load_audio_file(u.audio).numpy() for u in batch]
     return extractor(arrays, sampling_rate=SAMPLE_RATE, return_tensors="pt")["input_features"]
-
-
-def append_log(out: Path, record: dict) -> None:
-    with (out / LOG_FILE).open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def save(out: Path, peft_model, optim, sched, step: int, cfg: AsrTuneConfig, n_train: int):

@@ -112,7 +112,8 @@ def run_respond(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_training_common(p: argparse.ArgumentParser) -> None:
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """What every training step takes: data, run folder, recipe, schedule, device, time limit."""
     p.add_argument(
         "--manifest",
         type=Path,
@@ -127,6 +128,19 @@ def _add_training_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
+
+
+def _run_overrides(args: argparse.Namespace) -> dict:
+    return {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "max_minutes": args.max_minutes,
+    }
+
+
+def _add_training_common(p: argparse.ArgumentParser) -> None:
+    _add_run_arguments(p)
     p.add_argument("--workers", type=int, default=None, help="data loader workers")
     p.add_argument("--encoder-kind", choices=list(ENCODER_KINDS), default=None)
     p.add_argument(
@@ -141,10 +155,7 @@ def _add_training_common(p: argparse.ArgumentParser) -> None:
 
 def _common_overrides(args: argparse.Namespace) -> dict:
     return {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "max_minutes": args.max_minutes,
+        **_run_overrides(args),
         "num_workers": args.workers,
         "encoder_kind": args.encoder_kind,
         "init": args.init,
@@ -166,36 +177,16 @@ def run_pretrain_ctc(args: argparse.Namespace) -> int:
 
 
 def add_tune_asr_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--manifest",
-        type=Path,
-        action="append",
-        required=True,
-        help="manifest(s); train lines train, dev lines measure WER (repeatable)",
-    )
-    p.add_argument("--out", type=Path, required=True, help="run folder (resumes if it exists)")
-    p.add_argument("--recipe", default=None, help="recipe name or YAML file (section asr_tune:)")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    _add_run_arguments(p)  # its recipe section is asr_tune:, dev lines measure WER
     p.add_argument("--rank", type=int, default=None, help="LoRA rank")
     p.add_argument("--whisper", default=None, help="'default' or a local HF Whisper dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--max-minutes", type=float, default=None, help="wall-clock limit")
 
 
 def run_tune_asr(args: argparse.Namespace) -> int:
     from training.asr_tune import tune_asr
     from training.config import AsrTuneConfig, load_step_config
 
-    overrides = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "rank": args.rank,
-        "whisper_source": args.whisper,
-        "max_minutes": args.max_minutes,
-    }
+    overrides = {**_run_overrides(args), "rank": args.rank, "whisper_source": args.whisper}
     cfg = load_step_config(AsrTuneConfig, "asr_tune", args.recipe, **overrides)
     print(tune_asr(cfg, args.manifest, args.out, args.device))
     return 0
